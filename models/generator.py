@@ -1,0 +1,137 @@
+"""The HiFi-TSE generator: waveform mixture + reference in, target waveform out.
+
+mix -> STFT -> BandSplitEncoder -> USEF cross-attn (ref) -> FiLM (ref)
+    -> [SpeakerReinject -> TF-GridNet block] x n_blocks -> BandMergeDecoder -> iSTFT
+ref -> STFT -> BandSplitEncoder (shared weights) -------^
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from data.audio_utils import STFT
+from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
+from models.tf_gridnet import SpeakerReinjectLayer, TFGridNetBlock
+from models.usef import FiLMLayer, USEFCrossAttention
+
+RMS_EPS = 1e-8  # float32 waveforms only, so this never underflows
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable HiFi-TSE checkpoint; the message names the file."""
+
+
+class Generator(nn.Module):
+    """BSRNN band split + USEF + FiLM + TF-GridNet target speaker extractor.
+
+    Keyword arguments are the ``stft`` and ``model`` config sections (``config.model_kwargs``);
+    defaults are the v2 recipe (SPEC §2).
+
+    Shape:
+        mix (B, N), ref (B, M) -> (B, N); M may differ from N.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 48_000,
+        n_fft: int = 2048,
+        win_length: int = 960,
+        hop_length: int = 480,
+        feature_dim: int = 128,
+        band_regions: list[list[float]] | None = None,
+        band_overlap: float = 0.25,
+        n_blocks: int = 6,
+        lstm_hidden: int = 256,
+        n_heads: int = 4,
+        qk_per_band: int = 4,
+        mask_hidden: int = 64,
+        reinject_at: list[int] | None = None,
+        use_film: bool = True,
+        grad_checkpoint: bool = True,
+    ) -> None:
+        super().__init__()
+        band_regions = band_regions or [[0, 1000, 10], [1000, 8000, 28], [8000, 24000, 15]]
+        reinject_at = list(range(n_blocks)) if reinject_at is None else list(reinject_at)
+        if any(not 0 <= i < n_blocks for i in reinject_at):
+            raise ValueError(f"reinject_at {reinject_at} names a block outside 0..{n_blocks - 1}")
+        self.sample_rate = sample_rate
+        self.grad_checkpoint = grad_checkpoint
+        self.stft = STFT(n_fft=n_fft, win_length=win_length, hop_length=hop_length)
+        bands = band_layout(
+            sample_rate=sample_rate,
+            n_fft=n_fft,
+            band_regions=band_regions,
+            band_overlap=band_overlap,
+        )
+        self.bands = bands
+        attn = {"feature_dim": feature_dim, "n_heads": n_heads, "qk_per_band": qk_per_band}
+        self.encoder = BandSplitEncoder(bands=bands, feature_dim=feature_dim)
+        self.usef = USEFCrossAttention(**attn)
+        self.film = FiLMLayer(feature_dim=feature_dim) if use_film else None
+        self.blocks = nn.ModuleList(
+            TFGridNetBlock(lstm_hidden=lstm_hidden, **attn) for _ in range(n_blocks)
+        )
+        self.reinject = nn.ModuleDict(
+            {str(i): SpeakerReinjectLayer(**attn) for i in sorted(set(reinject_at))}
+        )
+        self.decoder = BandMergeDecoder(
+            bands=bands,
+            feature_dim=feature_dim,
+            mask_hidden=mask_hidden,
+            n_bins=self.stft.n_bins,
+        )
+
+    def _block(self, i: int, z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+        if str(i) in self.reinject:
+            z = self.reinject[str(i)](z, z_ref)
+        return self.blocks[i](z)
+
+    def forward(self, mix: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        n_samples = mix.shape[-1]
+        # Scale-free input: the network sees unit-RMS signals, the estimate gets the mix's scale.
+        scale = mix.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS  # (B, 1)
+        ref_scale = ref.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS
+        mix_spec = self.stft(mix.float() / scale)  # (B, F, T) complex
+        z = self.encoder(mix_spec)  # (B, T, K, D)
+        z_ref = self.encoder(self.stft(ref.float() / ref_scale))  # (B, S, K, D)
+        z = self.usef(z, z_ref)
+        if self.film is not None:
+            z = self.film(z, z_ref)
+        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
+        for i in range(len(self.blocks)):
+            if use_ckpt:
+                z = checkpoint(self._block, i, z, z_ref, use_reentrant=False)
+            else:
+                z = self._block(i, z, z_ref)
+        est_spec = self.decoder(z, mix_spec)  # (B, F, T) complex
+        return self.stft.inverse(est_spec, n_samples) * scale
+
+    @classmethod
+    def from_checkpoint(
+        cls, path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu"
+    ) -> Generator:
+        """Rebuild the generator from a checkpoint that carries its ``model_args``.
+
+        Loads with ``weights_only=True``: a checkpoint never unpickles arbitrary objects.
+        """
+        path = Path(path)
+        try:
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:  # torch raises many types for a non-checkpoint file
+            raise CheckpointError(f"{path}: not a loadable checkpoint ({err})") from None
+        if not isinstance(ckpt, dict) or "model_args" not in ckpt or "generator" not in ckpt:
+            raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
+        model = cls(**ckpt["model_args"])
+        state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["generator"]
+        model.load_state_dict(state)
+        return model
+
+    def checkpoint_payload(self, model_args: dict[str, Any]) -> dict[str, Any]:
+        """The minimal checkpoint dict ``from_checkpoint`` understands."""
+        return {"model_args": dict(model_args), "generator": self.state_dict()}

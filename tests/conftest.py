@@ -1,0 +1,22 @@
+"""Shared fixtures: the real recordings in ../shared/data and small configs for CPU tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``../shared/data`` (real speech, noise, RIRs). Skips when absent, unless CI demands it."""
+    if not (SHARED_DATA / "speech").is_dir():
+        reason = f"real recordings not found at {SHARED_DATA} (see ../shared/data/README.md)"
+        if os.environ.get("HIFI_TSE_REQUIRE_DATA"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return SHARED_DATA
