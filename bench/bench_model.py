@@ -1,0 +1,185 @@
+"""Generator cost on CPU: parameters, forward and forward+backward time, activation memory saved
+for backward with and without gradient checkpointing, and the estimated training memory.
+
+    python bench/bench_model.py [--config configs/hifi_tse.yaml] [--runs 3] [--threads 2]
+
+Activation memory is the bytes of every distinct storage autograd saves for backward, counted
+with ``torch.autograd.graph.saved_tensors_hooks``. With checkpointing, autograd keeps the tensors
+saved outside the checkpointed blocks plus each block's input, and during backward recomputes
+one block at a time, so the peak is those plus the largest single block's saved tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.report import machine, markdown_table, print_json, write_section
+from config import load_config, model_kwargs
+from models.generator import Generator
+
+SEGMENT_SECONDS = 4.0
+GIB = 1024**3
+BYTES_FP32 = 4
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq
+BUDGET_GIB = 12.0  # the recipe must leave half of a 24 GB GPU free (issue 2)
+# Measured by the issue's author on this kind of machine (2 threads, batch 1 x 4 s at 48 kHz):
+# ESPnet TFGridNetV2 blocks alone on the same 53-band x 401-frame grid (D 128, H 256, 6 blocks).
+ESPNET_FWD_S, ESPNET_FWD_BWD_S = 5.0, 17.4
+
+
+def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
+    """Run ``fn`` and count the bytes of the distinct storages saved for backward."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+def activation_memory(model: Generator, mix: torch.Tensor, ref: torch.Tensor) -> dict[str, int]:
+    """Saved-for-backward bytes without checkpointing, and the checkpointed peak estimate."""
+    model.train()
+    model.grad_checkpoint = False
+    plain, _ = saved_bytes(lambda: model(mix, ref))
+
+    model.grad_checkpoint = True
+    outside, _ = saved_bytes(lambda: model(mix, ref))
+    # One block's own saved tensors (re-injection included), as recomputed in backward.
+    with torch.no_grad():
+        z_ref = model.encoder(model.stft(ref))
+        z = model.usef(model.encoder(model.stft(mix)), z_ref)
+    block_inputs = z.nbytes * len(model.blocks)
+    z = z.requires_grad_()
+    block, _ = saved_bytes(lambda: model._block(0, z, z_ref))
+    return {
+        "plain": plain,
+        "ckpt_outside": outside,
+        "ckpt_block_inputs": block_inputs,
+        "ckpt_one_block": block,
+        "ckpt_peak": outside + block_inputs + block,
+    }
+
+
+def median_time(fn: Callable[[], None], runs: int) -> float:
+    fn()  # warm-up: first calls allocate and pick kernels
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/hifi_tse.yaml")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-write", action="store_true", help="do not touch doc/benchmarks.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = load_config(args.config)
+    model = Generator(**model_kwargs(cfg))
+    n_params = sum(p.numel() for p in model.parameters())
+    n_samples = round(SEGMENT_SECONDS * cfg.stft.sample_rate)
+    mix1, ref1 = torch.randn(1, n_samples), torch.randn(1, n_samples)
+
+    def forward() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(mix1, ref1)
+
+    def forward_backward(ckpt: bool) -> Callable[[], None]:
+        def run() -> None:
+            model.train()
+            model.grad_checkpoint = ckpt
+            model.zero_grad(set_to_none=True)
+            model(mix1, ref1).pow(2).mean().backward()
+
+        return run
+
+    fwd = median_time(forward, args.runs)
+    fwd_bwd = median_time(forward_backward(False), args.runs)
+    fwd_bwd_ckpt = median_time(forward_backward(True), args.runs)
+
+    batch = cfg.train.batch_size
+    mem = activation_memory(model, torch.randn(batch, n_samples), torch.randn(batch, n_samples))
+    # Parameters, gradients, AdamW's two states and the EMA copy, all float32.
+    states = n_params * BYTES_FP32 * (1 + 1 + ADAMW_STATES + 1)
+    train_plain = (states + mem["plain"]) / GIB
+    train_ckpt = (states + mem["ckpt_peak"]) / GIB
+
+    rows = [
+        ["generator parameters", f"{n_params / 1e6:.2f} M"],
+        [
+            "forward, batch 1 x 4 s (no grad)",
+            f"{fwd:.2f} s (ESPnet V2 blocks alone: {ESPNET_FWD_S} s)",
+        ],
+        [
+            "forward+backward, batch 1 x 4 s",
+            f"{fwd_bwd:.2f} s (ESPnet V2 blocks alone: {ESPNET_FWD_BWD_S} s)",
+        ],
+        ["forward+backward with checkpointing", f"{fwd_bwd_ckpt:.2f} s"],
+        [
+            f"activations saved, batch {batch} x 4 s, no checkpointing",
+            f"{mem['plain'] / GIB:.2f} GiB",
+        ],
+        [
+            f"activations peak, batch {batch} x 4 s, checkpointing",
+            f"{mem['ckpt_peak'] / GIB:.2f} GiB "
+            f"(outside blocks {mem['ckpt_outside'] / GIB:.2f} + block inputs "
+            f"{mem['ckpt_block_inputs'] / GIB:.2f} + one block {mem['ckpt_one_block'] / GIB:.2f})",
+        ],
+        ["params + grads + AdamW + EMA", f"{states / GIB:.2f} GiB"],
+        ["estimated training memory, no checkpointing", f"{train_plain:.2f} GiB"],
+        [
+            "estimated training memory, checkpointing",
+            f"{train_ckpt:.2f} GiB (budget {BUDGET_GIB:g} GiB)",
+        ],
+    ]
+    table = markdown_table(["generator (" + args.config + ")", "measured"], rows)
+    print(table)
+    if not args.no_write:
+        write_section(
+            "bench_model",
+            f"## Generator speed and memory (`bench/bench_model.py`)\n\n"
+            f"{machine()}; fp32; median of {args.runs} runs after a warm-up.\n\n{table}\n\n"
+            "Activation bytes count every distinct storage autograd saves (saved_tensors_hooks); "
+            "they are CPU (oneDNN LSTM) numbers, a CUDA run saves cuDNN workspaces instead. "
+            "The ESPnet figures were measured on the same kind of machine by the issue's author.",
+        )
+    print_json(
+        {
+            "bench": "bench_model",
+            "config": args.config,
+            "params": n_params,
+            "fwd_s": round(fwd, 3),
+            "fwd_bwd_s": round(fwd_bwd, 3),
+            "fwd_bwd_ckpt_s": round(fwd_bwd_ckpt, 3),
+            "act_plain_gib": round(mem["plain"] / GIB, 3),
+            "act_ckpt_peak_gib": round(mem["ckpt_peak"] / GIB, 3),
+            "train_mem_plain_gib": round(train_plain, 3),
+            "train_mem_ckpt_gib": round(train_ckpt, 3),
+            "fits_budget": train_ckpt <= BUDGET_GIB,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
