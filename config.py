@@ -58,22 +58,45 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    # --- Scanning and packing (data/prepare_manifest.py) ---
+    # Each speech source is a mapping {layout: dns4 | ears | vctk | generic, root: DIR} with
+    # optional name (the source id; default: the layout, or the folder name for generic),
+    # speaker_regex (one capture group, searched in the path below root), speaker_prefix and,
+    # for vctk, mic (default mic1). See data/scan.py for the per-layout defaults.
     speech_sources: list[dict[str, Any]] = field(default_factory=list)
-    noise_dirs: list[str] = field(default_factory=list)
-    rir_dirs: list[str] = field(default_factory=list)
+    # A folder (generic layout) or a mapping {layout: demand | generic, root, name, channels}.
+    # DEMAND keeps chNN.wav per environment; channels lists the ones to use (default [1]).
+    noise_dirs: list[str | dict[str, Any]] = field(default_factory=list)
+    # A folder (generic layout) or a mapping {layout: slr26 | slr28 | generic, root, name,
+    # channels: first | all | mix}: how multi-channel RIR files become mono RIRs.
+    rir_dirs: list[str | dict[str, Any]] = field(default_factory=list)
     manifest_dir: str = "exp/manifests"
     hdf5_dir: str = "exp/hdf5"
+    pack_workers: int = 4  # decode + resample processes; one more process writes the HDF5
+    # Shorter files are skipped (and reported) when packing.
+    min_speech_seconds: float = 1.0
+    min_noise_seconds: float = 1.0
+    min_rir_seconds: float = 0.01
+    val_fraction: float = 0.05  # last 5 % of sorted speaker ids (and noise / RIR keys) per source
+    # --- Dynamic mixing (data/dataset.py) ---
     segment_seconds: float = 4.0
     ref_seconds: float = 4.0
+    samples_per_epoch: int = 100_000  # virtual length of the training set
     min_interferers: int = 1
     max_interferers: int = 3
-    snr_db: list[float] = field(default_factory=lambda: [-5.0, 15.0])
-    ta_prob: float = 0.2  # target-absent share from phase 2 on
+    level_db: list[float] = field(default_factory=lambda: [-35.0, -15.0])  # speech RMS, dBFS
+    sir_db: list[float] = field(default_factory=lambda: [-5.0, 5.0])  # target / each interferer
+    snr_db: list[float] = field(default_factory=lambda: [-5.0, 15.0])  # speech sum / noise
+    ref_level_db: list[float] = field(default_factory=lambda: [-35.0, -15.0])
+    ref_snr_db: list[float] = field(default_factory=lambda: [0.0, 20.0])  # noisy references
+    ta_prob: float = 0.2  # target-absent share from phase 2 on (and of the validation set)
+    val_noisy_ref_prob: float = 0.5  # noisy-reference share of the fixed validation set
     target_type: str = "reverberant"  # reverberant | early | dry
     early_reverb_ms: float = 50.0
+    max_rir_seconds: float = 2.0  # RIRs are cut (with a short fade) after the direct path + this
+    rir_cache_size: int = 512  # RIRs kept in memory per worker
     speed_perturb: list[float] = field(default_factory=lambda: [0.9, 1.1])
     peak_limit: float = 0.95
-    val_fraction: float = 0.05
     n_val_samples: int = 200
     seed: int = 1234
     num_workers: int = 4
@@ -93,16 +116,19 @@ class LossConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-3
+    min_lr_ratio: float = 0.01  # cosine decay ends at lr * this
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 1e-2
-    warmup_steps: int = 4000
+    warmup_steps: int = 4000  # micro-steps of linear warm-up
     grad_clip: float = 5.0
-    grad_accum: int = 4
-    ema_decay: float = 0.999
+    grad_accum: int = 4  # micro-steps per optimizer update
+    ema_decay: float = 0.999  # 0 turns the EMA off
 
 
 @dataclass
 class TrainConfig:
+    # Every step count is in micro-steps (one batch forward + backward); the optimizer updates
+    # every optim.grad_accum micro-steps. Event intervals must be multiples of grad_accum.
     run_dir: str = "runs/hifi_tse"
     batch_size: int = 2
     total_steps: int = 1_500_000
@@ -112,9 +138,13 @@ class TrainConfig:
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     log_every: int = 100
     val_every: int = 5000
-    keep_checkpoints: int = 5
-    early_stop_patience: int = 20  # validations without a better SI-SDRi
+    ckpt_every: int = 5000
+    keep_checkpoints: int = 5  # rotation of step_*.pt besides last.pt and best.pt
+    early_stop_patience: int = 20  # validations without a better SI-SDRi; 0 never stops
+    max_nonfinite: int = 20  # skipped updates in a row before the run stops
+    n_val_audio: int = 3  # validation samples written to TensorBoard as audio + spectrogram
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     seed: int = 1234
 
 

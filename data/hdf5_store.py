@@ -1,0 +1,332 @@
+"""One HDF5 file per kind of audio (speech, noise, RIR): parallel resumable packing, lazy reading.
+
+Layout: one float32 mono 48 kHz dataset per file (or per RIR channel) under its manifest key,
+chunked in 1 s pieces so that a 4 s crop reads about five chunks and never the whole
+utterance. Attributes: ``source``, ``speaker`` (speech), ``path``, ``num_samples`` and, written
+last, ``complete``.
+
+Crash safety: the writer flushes after every entry and sets ``complete`` only after the data,
+so a killed pack leaves at most one entry without it; the next run deletes such entries and
+packs whatever is missing. The file uses the default (oldest) HDF5 format on purpose: the
+newer superblock marks a file "open for write" and refuses to open it after a crash
+(``h5clear`` would be needed), which would defeat resuming.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import soundfile as sf
+import soxr
+from tqdm import tqdm
+
+from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
+from data.manifest import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+CHUNK_SAMPLES = SAMPLE_RATE  # 1 s chunks: a random 4 s crop touches 5 of them
+COMPLETE_ATTR = "complete"
+MAX_ABS_SAMPLE = 64.0  # a float sample beyond this is garbage, not audio (corrupt bytes)
+IN_FLIGHT_PER_WORKER = 4  # decoded files waiting for the writer; bounds the writer's memory
+
+
+class CorruptEntryError(RuntimeError):
+    """An HDF5 entry that is missing, unreadable, incomplete or holds non-finite samples."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (runs in the worker processes)
+# ---------------------------------------------------------------------------------------------
+
+
+def decode_entry(entry: dict[str, Any]) -> np.ndarray:
+    """The audio of a manifest entry as mono float32 at 48 kHz: ``load_audio`` (downmix +
+    soxr) for whole files, or one channel of a multi-channel file when ``entry['channel']`` is
+    set. Raises ``AudioError`` naming the file.
+
+    Shape:
+        returns (N,)
+    """
+    channel = entry.get("channel")
+    if channel is None:
+        return load_audio(entry["path"], SAMPLE_RATE)
+    path = entry["path"]
+    try:
+        data, sr = sf.read(path, dtype="float32", always_2d=True)  # (N, C)
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"{path}: unreadable audio ({err})") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"{path}: empty audio")
+    if channel >= data.shape[1]:
+        raise AudioError(f"{path}: no channel {channel} (file has {data.shape[1]})")
+    wave = np.ascontiguousarray(data[:, channel])
+    if not np.isfinite(wave).all():
+        raise AudioError(f"{path}: non-finite samples (NaN or Inf)")
+    if sr != SAMPLE_RATE:
+        wave = soxr.resample(wave, sr, SAMPLE_RATE).astype(np.float32, copy=False)
+    return wave
+
+
+def _decode_task(task: tuple[dict[str, Any], int]) -> tuple[np.ndarray | None, str | None]:
+    """(wave, None) or (None, reason) for one entry; never raises, so one bad file cannot stop
+    the pack."""
+    entry, min_samples = task
+    try:
+        wave = decode_entry(entry)
+    except AudioError as err:
+        return None, str(err)
+    except Exception as err:  # a decoder crash on one file is reported like a bad file
+        return None, f"{entry['path']}: cannot decode ({type(err).__name__}: {err})"
+    if len(wave) < min_samples:
+        return None, (
+            f"{entry['path']}: too short ({len(wave) / SAMPLE_RATE:.3f} s < "
+            f"{min_samples / SAMPLE_RATE:.3f} s)"
+        )
+    if not np.any(wave):
+        return None, f"{entry['path']}: silent (all samples are zero)"
+    return wave, None
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: a decoder whose packer was killed (SIGKILL) exits instead of living on
+    as an orphan (Linux; elsewhere it ends when its task pipe closes)."""
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+@contextmanager
+def _decoder(workers: int) -> Iterator[Callable[..., Iterator[tuple]]]:
+    """A function that decodes entries in ``workers`` processes and yields ``(entry, wave,
+    error)`` in order, keeping a bounded number of decoded waves waiting (a slow disk must not
+    let 200 k utterances pile up in memory). Enter it before opening the HDF5 file: forked
+    workers would otherwise inherit the file's handle and lock."""
+    if workers <= 0:
+
+        def decode_here(entries: list[dict[str, Any]], min_samples: int) -> Iterator[tuple]:
+            for e in entries:
+                yield (e, *_decode_task((e, min_samples)))
+
+        yield decode_here
+        return
+    # fork: workers start at once and inherit the imports; they never touch HDF5.
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(workers, initializer=_die_with_parent) as pool:
+
+        def decode(entries: list[dict[str, Any]], min_samples: int) -> Iterator[tuple]:
+            pending: deque = deque()
+            for e in entries:
+                pending.append((e, pool.apply_async(_decode_task, ((e, min_samples),))))
+                if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                    done, result = pending.popleft()
+                    yield (done, *result.get())
+            while pending:
+                done, result = pending.popleft()
+                yield (done, *result.get())
+
+        yield decode
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing (the one writer)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PackResult:
+    """What a pack run left in the HDF5 file."""
+
+    num_samples: dict[str, int] = field(default_factory=dict)  # key -> samples, every entry
+    skipped: list[dict[str, str]] = field(default_factory=list)  # key, path, error
+    n_new: int = 0  # entries written by this run
+    n_resumed: int = 0  # complete entries found from an earlier run
+    n_removed: int = 0  # incomplete entries deleted before resuming
+    seconds: float = 0.0
+    audio_bytes: int = 0  # float32 bytes written by this run
+
+
+def _existing_entries(f: h5py.File) -> tuple[dict[str, int], list[str]]:
+    """(complete key -> samples, incomplete keys) of an HDF5 file left by an earlier run."""
+    complete: dict[str, int] = {}
+    incomplete: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if not isinstance(obj, h5py.Dataset):
+            return
+        n = obj.attrs.get("num_samples", -1)
+        if obj.attrs.get(COMPLETE_ATTR, False) and obj.ndim == 1 and obj.shape[0] == n:
+            complete[name] = int(n)
+        else:
+            incomplete.append(name)
+
+    f.visititems(visit)
+    return complete, incomplete
+
+
+def pack(
+    entries: list[dict[str, Any]],
+    h5_path: str | Path,
+    *,
+    min_seconds: float,
+    workers: int,
+    report_path: str | Path | None = None,
+    problems: list[dict[str, str]] | None = None,
+    show_progress: bool = True,
+) -> PackResult:
+    """Pack ``entries`` (manifest dicts with ``key`` and ``path``) into ``h5_path``, resuming.
+
+    Entries already complete in the file are kept, incomplete ones are rewritten, unusable
+    files are skipped and listed (with ``problems`` found earlier, e.g. by the scan) in the JSON
+    report, by default ``<h5 stem>_report.json`` beside the HDF5 file.
+    """
+    start = time.perf_counter()
+    h5_path = Path(h5_path)
+    h5_path.parent.mkdir(parents=True, exist_ok=True)
+    report_path = Path(report_path or h5_path.with_name(f"{h5_path.stem}_report.json"))
+    keys = [e["key"] for e in entries]
+    dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
+    if dupes:
+        raise ValueError(f"{h5_path}: duplicate keys in the entries to pack: {dupes[:5]}")
+    min_samples = max(1, round(min_seconds * SAMPLE_RATE))
+    result = PackResult(skipped=[dict(p) for p in problems or []])
+    with _decoder(workers) as decode, h5py.File(h5_path, "a") as f:
+        complete, incomplete = _existing_entries(f)
+        for name in incomplete:
+            del f[name]
+        if incomplete:
+            log.warning("%s: removed %d incomplete entries of an interrupted pack",
+                        h5_path, len(incomplete))
+            f.flush()
+        result.n_removed = len(incomplete)
+        todo = [e for e in entries if e["key"] not in complete]
+        result.n_resumed = len(entries) - len(todo)
+        result.num_samples = {k: complete[k] for k in keys if k in complete}
+        if result.n_resumed:
+            log.info("%s: %d entries already packed, %d to go", h5_path, result.n_resumed,
+                     len(todo))
+        bar = tqdm(total=len(todo), desc=h5_path.name, unit="file", disable=not show_progress)
+        for entry, wave, error in decode(todo, min_samples):
+            bar.update()
+            if wave is None:
+                result.skipped.append({"key": entry["key"], "path": entry["path"], "error": error})
+                log.warning("skipped %s", error)
+                continue
+            n = len(wave)
+            ds = f.create_dataset(
+                entry["key"], data=wave, dtype=np.float32, chunks=(min(n, CHUNK_SAMPLES),)
+            )
+            for name in ("source", "speaker", "path"):
+                if entry.get(name) is not None:
+                    ds.attrs[name] = entry[name]
+            ds.attrs["num_samples"] = n
+            ds.attrs[COMPLETE_ATTR] = True  # last: its presence proves the data above is whole
+            # Flushing every entry keeps the file consistent on disk at each entry boundary,
+            # so a killed run loses at most the entry in flight.
+            f.flush()
+            result.num_samples[entry["key"]] = n
+            result.n_new += 1
+            result.audio_bytes += wave.nbytes
+        bar.close()
+    result.seconds = time.perf_counter() - start
+    write_json_atomic(
+        report_path,
+        {
+            "hdf5": str(h5_path),
+            "n_entries": len(entries),
+            "n_packed": len(result.num_samples),
+            "n_new": result.n_new,
+            "n_resumed": result.n_resumed,
+            "n_removed_incomplete": result.n_removed,
+            "n_skipped": len(result.skipped),
+            "skipped": result.skipped,
+        },
+    )
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading (one per dataset; files opened lazily in whichever process reads)
+# ---------------------------------------------------------------------------------------------
+
+
+class H5Reader:
+    """Reads spans of packed entries. HDF5 handles do not survive ``fork``, so files are opened
+    on first use in the reading process (a DataLoader worker) and reopened after a fork; the
+    object pickles without them (``spawn`` workers).
+    """
+
+    def __init__(self, files: list[str]) -> None:
+        self.files = list(files)
+        self._handles: dict[int, h5py.File] = {}
+        self._pid = -1
+        self._checked: set[tuple[int, bytes]] = set()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_handles": {}, "_pid": -1, "_checked": set()}
+
+    def _file(self, file_index: int) -> h5py.File:
+        if self._pid != os.getpid():
+            # Inherited handles belong to the parent's HDF5 library state: never use them.
+            self._handles, self._pid, self._checked = {}, os.getpid(), set()
+        handle = self._handles.get(file_index)
+        if handle is None:
+            path = self.files[file_index]
+            try:
+                # Read-only with no lock: file locking fails on some network file systems and
+                # protects nothing for a reader.
+                handle = h5py.File(path, "r", locking=False)
+            except OSError as err:
+                raise CorruptEntryError(f"{path}: cannot open HDF5 file ({err})") from None
+            self._handles[file_index] = handle
+        return handle
+
+    def read(self, file_index: int, key: bytes, start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` of entry ``key``; positions outside the entry read as zero.
+
+        Shape:
+            returns (stop - start,) float32
+        """
+        path = self.files[file_index]
+        name = key.decode()
+        out = np.zeros(stop - start, dtype=np.float32)
+        try:
+            ds = self._file(file_index)[name]
+            if (file_index, key) not in self._checked:
+                if not ds.attrs.get(COMPLETE_ATTR, False) or ds.shape[0] != ds.attrs.get(
+                    "num_samples", -1
+                ):
+                    raise CorruptEntryError(f"{path}: entry '{name}' is incomplete")
+                self._checked.add((file_index, key))
+            lo, hi = max(start, 0), min(stop, ds.shape[0])
+            if hi > lo:
+                ds.read_direct(out, np.s_[lo:hi], np.s_[lo - start : hi - start])
+        except CorruptEntryError:
+            raise
+        except (KeyError, OSError, ValueError, RuntimeError) as err:
+            raise CorruptEntryError(f"{path}: cannot read entry '{name}' ({err})") from None
+        if not np.isfinite(out).all() or np.abs(out).max(initial=0.0) > MAX_ABS_SAMPLE:
+            raise CorruptEntryError(f"{path}: entry '{name}' holds non-finite or garbage samples")
+        return out
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for handle in self._handles.values():
+                handle.close()
+        self._handles = {}

@@ -1,0 +1,125 @@
+"""Manifest files: atomic JSON writes, and the packed manifests as compact arrays for training.
+
+A manifest is ``{"version", "kind", "sample_rate", "entries": [...]}``. After packing, each
+entry also names its HDF5 file (relative to the manifest folder) and key, and its length in
+samples at 48 kHz. The dataset keeps the entries as numpy arrays (not 200 k dicts) so that
+DataLoader workers share them copy-on-write instead of each touching every Python object.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data.audio_utils import SAMPLE_RATE
+
+MANIFEST_VERSION = 1
+MANIFEST_MODE = 0o644
+MANIFEST_NAMES = {
+    "speech": "speaker_manifest.json",
+    "noise": "noise_manifest.json",
+    "rir": "rir_manifest.json",
+}
+
+
+class ManifestError(ValueError):
+    """A manifest that is missing, unreadable or does not describe packed audio (names it)."""
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it into place, so
+    a reader never sees a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, MANIFEST_MODE)  # mkstemp makes 0600 files; manifests are shared
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_manifest(path: str | Path, kind: str, entries: list[dict[str, Any]]) -> None:
+    write_json_atomic(
+        path,
+        {
+            "version": MANIFEST_VERSION,
+            "kind": kind,
+            "sample_rate": SAMPLE_RATE,
+            "entries": entries,
+        },
+    )
+
+
+def read_manifest(path: str | Path) -> list[dict[str, Any]]:
+    """The entries of a manifest file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ManifestError(f"{path}: cannot read manifest ({err})") from None
+    if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
+        raise ManifestError(f"{path}: not a version-{MANIFEST_VERSION} HiFi-TSE manifest")
+    return data["entries"]
+
+
+@dataclass
+class PackedTable:
+    """The packed entries of one manifest, optionally restricted to one split.
+
+    ``files`` lists the distinct HDF5 paths; ``file_index[i]`` points into it.
+    """
+
+    keys: np.ndarray  # (E,) bytes: HDF5 keys
+    file_index: np.ndarray  # (E,) int16
+    files: list[str]
+    num_samples: np.ndarray  # (E,) int64, at 48 kHz
+    speakers: np.ndarray  # (E,) int32 index into speaker_names, -1 without speaker
+    speaker_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def key(self, i: int) -> str:
+        return self.keys[i].decode()
+
+
+def load_packed(manifest_dir: str | Path, kind: str, split: str | None) -> PackedTable:
+    """Read ``<manifest_dir>/<kind manifest>`` and keep the packed entries of ``split`` (all
+    splits when ``None``)."""
+    path = Path(manifest_dir) / MANIFEST_NAMES[kind]
+    entries = read_manifest(path)
+    if split is not None:
+        entries = [e for e in entries if e["split"] == split]
+    missing = [e["key"] for e in entries if not e.get("hdf5")]
+    if missing:
+        raise ManifestError(
+            f"{path}: {len(missing)} entries are not packed (e.g. {missing[0]}); "
+            "run python -m data.prepare_manifest without --scan-only"
+        )
+    files = sorted({e["hdf5"] for e in entries})
+    file_pos = {f: i for i, f in enumerate(files)}
+    speaker_names = sorted({e["speaker"] for e in entries if e.get("speaker")})
+    speaker_pos = {s: i for i, s in enumerate(speaker_names)}
+    return PackedTable(
+        keys=np.array([e["key"].encode() for e in entries], dtype=bytes),
+        file_index=np.array([file_pos[e["hdf5"]] for e in entries], dtype=np.int16),
+        # HDF5 paths are stored relative to the manifest so that a moved exp/ folder still works.
+        files=[str((path.parent / f).resolve()) for f in files],
+        num_samples=np.array([e["num_samples"] for e in entries], dtype=np.int64),
+        speakers=np.array(
+            [speaker_pos[e["speaker"]] if e.get("speaker") else -1 for e in entries],
+            dtype=np.int32,
+        ),
+        speaker_names=speaker_names,
+    )

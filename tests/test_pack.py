@@ -1,0 +1,171 @@
+"""HDF5 packing on the real recordings: round trip, layout, resume after a kill, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import soundfile as sf
+import soxr
+
+from config import DataConfig, load_config
+from data.hdf5_store import CHUNK_SAMPLES, COMPLETE_ATTR, pack
+from data.manifest import MANIFEST_NAMES, read_manifest
+from data.prepare_manifest import prepare
+from data.scan import scan_speech
+from tests.packed_data import FILES_PER_ACTOR, link_subset, packed_subset, write_config
+
+SR = 48_000
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> DataConfig:
+    return packed_subset(tmp_path_factory, shared_data)
+
+
+def reference_decode(path: str) -> np.ndarray:
+    """What packing must store: soundfile, channel mean, soxr to 48 kHz."""
+    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    wave = data.mean(axis=1, dtype=np.float32)
+    return wave if sr == SR else soxr.resample(wave, sr, SR)
+
+
+def entries(cfg: DataConfig, kind: str) -> list[dict]:
+    return read_manifest(Path(cfg.manifest_dir) / MANIFEST_NAMES[kind])
+
+
+def h5_of(cfg: DataConfig, entry: dict) -> Path:
+    return Path(cfg.manifest_dir) / entry["hdf5"]
+
+
+@pytest.mark.parametrize("kind", ["speech", "noise", "rir"])
+def test_round_trip_equals_soundfile_and_soxr(packed: DataConfig, kind: str) -> None:
+    chosen = entries(packed, kind)
+    if kind == "speech":
+        chosen = chosen[:: len(chosen) // 6]  # a few utterances from different actors
+    for e in chosen:
+        with h5py.File(h5_of(packed, e), "r") as f:
+            stored = f[e["key"]][:]
+        expected = reference_decode(e["path"])
+        assert stored.dtype == np.float32
+        assert stored.shape == expected.shape == (e["num_samples"],)
+        np.testing.assert_allclose(stored, expected, atol=1e-6, rtol=0)
+
+
+def test_layout_attributes_and_manifests(packed: DataConfig) -> None:
+    speech = entries(packed, "speech")
+    assert len(speech) == 16 * FILES_PER_ACTOR
+    assert len({e["key"] for e in speech}) == len(speech)
+    val = sorted({e["speaker"] for e in speech if e["split"] == "val"})
+    assert val == [f"ravdess_Actor_{i:02d}" for i in (13, 14, 15, 16)]
+    with h5py.File(h5_of(packed, speech[0]), "r") as f:
+        for e in speech:
+            ds = f[e["key"]]
+            assert ds.attrs[COMPLETE_ATTR]
+            assert ds.attrs["speaker"] == e["speaker"]
+            assert ds.attrs["source"] == "ravdess"
+            assert ds.chunks == (min(CHUNK_SAMPLES, e["num_samples"]),)  # crops read ~1 s pieces
+    # Noise at 16 kHz and 44.1 kHz RIRs were resampled: lengths follow the 48 kHz rate.
+    for kind in ("noise", "rir"):
+        for e in entries(packed, kind):
+            assert e["sample_rate"] != SR
+            assert abs(e["num_samples"] - e["duration"] * SR) <= 2
+    report = json.loads((Path(packed.hdf5_dir) / "rir_report.json").read_text())
+    assert (report["n_packed"], report["n_skipped"]) == (9, 0)
+
+
+@pytest.mark.slow
+def test_resume_after_kill(
+    packed: DataConfig, tmp_path: Path, shared_data: Path
+) -> None:
+    data = link_subset(shared_data, tmp_path / "data")
+    config = write_config(tmp_path, data, pack_workers=1)
+    h5 = tmp_path / "hdf5" / "speech.h5"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data.prepare_manifest", "--config", str(config), "--no-progress"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        # Kill once a few utterances (~0.6 MB each) are in the file: midway through speech.
+        deadline = time.monotonic() + 60
+        while (not h5.exists() or h5.stat().st_size < 8e6) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the pack finished before it could be killed"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "manifests" / "speaker_manifest.json").exists()
+
+    reference = {e["key"]: e for e in entries(packed, "speech")}
+    with h5py.File(h5, "a") as f:
+        done = [k for k in reference if k in f and f[k].attrs.get(COMPLETE_ATTR, False)]
+        assert 0 < len(done) < len(reference)
+        # Also leave the state of a kill in the middle of a write: data, no "complete" mark.
+        missing = next(k for k in reference if k not in f)
+        f.create_dataset(missing, data=np.zeros(1000, dtype=np.float32))
+
+    cfg = load_config(config).data
+    summary = prepare(cfg, show_progress=False)
+    assert summary["speech"]["resumed"] == len(done)
+    assert summary["speech"]["new"] == len(reference) - len(done)
+    report = json.loads((tmp_path / "hdf5" / "speech_report.json").read_text())
+    assert report["n_removed_incomplete"] >= 1
+
+    resumed = entries(cfg, "speech")
+    assert sorted(e["key"] for e in resumed) == sorted(reference)
+    with h5py.File(h5, "r") as f, h5py.File(h5_of(packed, resumed[0]), "r") as ref_f:
+        names: list[str] = []
+        f.visititems(lambda n, o: names.append(n) if isinstance(o, h5py.Dataset) else None)
+        assert sorted(names) == sorted(reference)  # no duplicate, nothing extra
+        for e in resumed:
+            assert f[e["key"]].attrs[COMPLETE_ATTR]
+            np.testing.assert_array_equal(f[e["key"]][:], ref_f[e["key"]][:])
+
+    # A finished pack run again writes nothing new.
+    again = prepare(cfg, show_progress=False)
+    assert (again["speech"]["new"], again["speech"]["resumed"]) == (0, len(reference))
+
+
+def test_bad_inputs_are_skipped_and_reported(shared_data: Path, tmp_path: Path) -> None:
+    root = tmp_path / "speech"
+    good = sorted((shared_data / "speech" / "ravdess" / "Actor_01").glob("*.flac"))[:2]
+    for f in good:
+        (root / "spk").mkdir(parents=True, exist_ok=True)
+        (root / "spk" / f.name).symlink_to(f)
+    bad = root / "spk"
+    (bad / "garbage.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
+    sf.write(bad / "empty.wav", np.zeros((0,), dtype=np.float32), SR)
+    nan = np.full(SR, 0.1, dtype=np.float32)
+    nan[100] = np.nan
+    sf.write(bad / "nan.wav", nan, SR, subtype="FLOAT")
+    sf.write(bad / "short.wav", np.full(SR // 10, 0.1, dtype=np.float32), SR)
+    sf.write(bad / "silent.wav", np.zeros(SR, dtype=np.float32), SR)
+
+    scanned = scan_speech([{"root": str(root), "name": "t"}])
+    h5 = tmp_path / "speech.h5"
+    result = pack(scanned.entries, h5, min_seconds=0.5, workers=2,
+                  problems=scanned.problems, show_progress=False)
+    assert sorted(result.num_samples) == sorted(f"t/spk/{f.stem}" for f in good)
+    report = json.loads((tmp_path / "speech_report.json").read_text())
+    reasons = {Path(s["path"]).name: s["error"] for s in report["skipped"]}
+    assert set(reasons) == {"garbage.wav", "empty.wav", "nan.wav", "short.wav", "silent.wav"}
+    assert "unreadable" in reasons["garbage.wav"]
+    assert "empty" in reasons["empty.wav"]
+    assert "non-finite" in reasons["nan.wav"]
+    assert "too short" in reasons["short.wav"]
+    assert "silent" in reasons["silent.wav"]
+    assert all(str(root) in s["path"] for s in report["skipped"])
+    with h5py.File(h5, "r") as f:
+        assert sorted(f["t/spk"]) == sorted(f.stem for f in good)

@@ -1,0 +1,250 @@
+"""train.py end to end on the tiny config and real recordings: learning, GAN phase, exact resume
+after SIGKILL, non-finite skipping, config errors, and DDP gradient equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from config import load_config, model_kwargs
+from data.dataset import HiFiTSEDataset, dataset_kwargs
+from losses.separation import si_sdr
+from models.generator import Generator
+from tests.packed_data import packed_subset
+
+REPO = Path(__file__).resolve().parents[1]
+SEGMENT_SECONDS = 1.0  # short mixtures keep a CPU step well under a second
+
+
+@pytest.fixture(scope="module")
+def data_section(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+    d = packed_subset(tmp_path_factory, shared_data)
+    return {"manifest_dir": d.manifest_dir, "segment_seconds": SEGMENT_SECONDS,
+            "ref_seconds": SEGMENT_SECONDS, "n_val_samples": 8, "num_workers": 0,
+            "val_fraction": d.val_fraction}
+
+
+def write_config(path: Path, data: dict, **sections: dict) -> Path:
+    """tiny.yaml + the packed data + the given overrides, as one YAML file."""
+    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    cfg["data"] = dict(data)
+    cfg.setdefault("optim", {}).update(lr=3e-3, warmup_steps=2, grad_accum=1)
+    cfg["train"].update(run_dir=str(path.parent / "run"), log_every=1, val_every=1000,
+                        ckpt_every=1000, deterministic=True)
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def log_lines(run_dir: Path, first_word: str = "step") -> list[dict[str, str]]:
+    """Parse the key=value lines of train.log that start with ``first_word``."""
+    rows = []
+    for line in (run_dir / "train.log").read_text().splitlines():
+        event = line.split(" ", 3)[-1]  # drop date, time, level
+        if event.startswith(f"{first_word}="):
+            rows.append(dict(kv.split("=", 1) for kv in event.split() if "=" in kv))
+        elif event.startswith(f"{first_word} "):
+            rows.append(dict(kv.split("=", 1) for kv in event.split()[1:] if "=" in kv))
+    return rows
+
+
+@pytest.mark.slow
+def test_a_few_steps_run_with_finite_falling_loss(tmp_path: Path, data_section: dict) -> None:
+    cfg = write_config(tmp_path / "c.yaml", data_section,
+                       train={"total_steps": 30, "val_every": 15, "ckpt_every": 15})
+    train.main(["--config", str(cfg)])
+    run = tmp_path / "run"
+    losses = [float(r["loss"]) for r in log_lines(run)]
+    assert len(losses) == 30
+    assert all(map(torch.isfinite, torch.tensor(losses)))
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
+    vals = log_lines(run, "val")
+    assert len(vals) == 2
+    assert all("si_sdri" in v and "ta_supp_db" in v for v in vals)
+    assert (run / "last.pt").is_file()
+    assert (run / "best.pt").is_file()
+    assert "training finished" in (run / "train.log").read_text()
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert ckpt["step"] == 30
+    assert Generator.from_checkpoint(run / "last.pt") is not None  # rebuilds on its own
+
+
+@pytest.mark.slow
+def test_generator_overfits_one_batch(data_section: dict) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    for k, v in data_section.items():
+        setattr(cfg.data, k, v)
+    dataset = HiFiTSEDataset(**dataset_kwargs(cfg.data, "train"))
+    batch = torch.utils.data.default_collate([dataset[0], dataset[1]])
+    torch.manual_seed(0)
+    model = Generator(**model_kwargs(cfg))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    mix, ref, target = batch["mix"], batch["ref"], batch["target"]
+    start = si_sdr(model(mix, ref), target).mean().item()
+    for _ in range(150):
+        opt.zero_grad()
+        loss = -si_sdr(model(mix, ref), target).mean()
+        loss.backward()
+        opt.step()
+    end = si_sdr(model(mix, ref), target).mean().item()
+    mix_sdr = si_sdr(mix, target).mean().item()
+    assert end > 10.0, (start, end, mix_sdr)
+    assert end > mix_sdr + 8.0
+
+
+@pytest.mark.slow
+def test_gan_phase_updates_both_networks(tmp_path: Path, data_section: dict) -> None:
+    # HiFi-GAN's discriminators hold 70.7 M parameters: half-second clips keep this bearable.
+    short = {**data_section, "segment_seconds": 0.5, "ref_seconds": 0.5}
+    cfg = write_config(
+        tmp_path / "c.yaml", short,
+        train={"total_steps": 4, "ckpt_every": 2},
+        gan={"enabled": True, "start_step": 0, "d_warmup_steps": 2, "ramp_steps": 2},
+    )
+    train.main(["--config", str(cfg)])
+    run = tmp_path / "run"
+    rows = log_lines(run)
+    assert [r["phase"] for r in rows] == ["3"] * 4
+    assert "disc" in rows[0]
+    assert "adv" not in rows[1]  # discriminator-only warm-up
+    assert "adv" in rows[-1]
+    assert "feat_match" in rows[-1]
+    early = torch.load(run / "step_000000002.pt", weights_only=True)
+    late = torch.load(run / "step_000000004.pt", weights_only=True)
+    for net in ("generator", "disc"):
+        changed = [not torch.equal(early[net][k], late[net][k]) for k in early[net]
+                   if early[net][k].is_floating_point()]
+        assert sum(changed) > len(changed) // 2, net
+
+
+def _run_train(cfg: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train.py"), "--config", str(cfg),
+                             *extra], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict) -> None:
+    settings = {"train": {"total_steps": 16, "ckpt_every": 4, "val_every": 8,
+                          "keep_checkpoints": 10}}
+    straight = write_config(tmp_path / "a" / "c.yaml", data_section, **settings)
+    killed = write_config(tmp_path / "b" / "c.yaml", data_section, **settings)
+    proc = _run_train(straight)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    proc = _run_train(killed)
+    marker = tmp_path / "b" / "run" / "step_000000008.pt"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, without any chance to clean up
+    proc.wait()
+    assert marker.exists()
+    ckpt = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    assert ckpt["step"] < 16, "the kill must land before the run ends"
+    proc = _run_train(killed)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 16
+    for part in ("generator", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    state_a, state_b = a["opt_g"]["state"], b["opt_g"]["state"]
+    for i in state_a:
+        assert torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"])
+    assert "resumed step=" in (tmp_path / "b" / "run" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_injected_nan_is_skipped(
+    tmp_path: Path, data_section: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = HiFiTSEDataset.__getitem__
+    poisoned = {6, 7}  # both items of micro-step 3
+
+    def getitem(self: HiFiTSEDataset, item: tuple) -> dict:
+        sample = original(self, item)
+        if self.split == "train" and item[0] in poisoned:
+            sample["mix"][100] = float("nan")
+        return sample
+
+    monkeypatch.setattr(HiFiTSEDataset, "__getitem__", getitem)
+    cfg = write_config(tmp_path / "c.yaml", data_section,
+                       train={"total_steps": 6, "ckpt_every": 6})
+    train.main(["--config", str(cfg)])
+    run = tmp_path / "run"
+    text = (run / "train.log").read_text()
+    assert re.search(r"nonfinite step=4 count=1 in_a_row=1", text), text
+    assert "training finished step=6" in text
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["generator"].values()
+               if v.is_floating_point())
+    assert ckpt["nonfinite_total"] == 1
+
+    poisoned.update(range(100))  # every step: the run must stop with a clear message
+    cfg = write_config(tmp_path / "d.yaml", data_section,
+                       train={"total_steps": 20, "max_nonfinite": 3, "run_dir":
+                              str(tmp_path / "run2")})
+    with pytest.raises(SystemExit) as err:
+        train.main(["--config", str(cfg)])
+    assert err.value.code == 1
+    assert "stopping step=3 reason=3_non-finite_updates_in_a_row" in (
+        tmp_path / "run2" / "train.log"
+    ).read_text()
+
+
+def test_unknown_config_key_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"train\.totl_steps"):
+        train.main(["--config", str(REPO / "configs" / "tiny.yaml"),
+                    "--set", "train.totl_steps=10"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 0.1\n")
+    with pytest.raises(SystemExit, match=r"optim\.learning_rate"):
+        train.main(["--config", str(bad)])
+
+
+@pytest.mark.slow
+def test_ddp_gradients_match_single_process(tmp_path: Path) -> None:
+    out = tmp_path / "ddp.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", str(REPO / "tests" / "ddp_check.py"), str(out)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["max_diff_between_ranks"] == 0.0
+    assert report["max_diff_vs_single"] < 1e-5, report  # relative to the largest gradient
+
+
+@pytest.mark.slow
+def test_train_py_under_torchrun(tmp_path: Path, data_section: dict) -> None:
+    cfg = write_config(tmp_path / "c.yaml", data_section,
+                       train={"total_steps": 4, "val_every": 4, "ckpt_every": 4})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--standalone", str(REPO / "train.py"), "--config", str(cfg)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    text = (run / "train.log").read_text()
+    assert "world=2" in text
+    assert text.count("training finished") == 1, "only rank 0 writes"
+    assert len(log_lines(run)) == 4
+    assert len(log_lines(run, "val")) == 1
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 4
