@@ -143,6 +143,8 @@ class TrainConfig:
     early_stop_patience: int = 20  # validations without a better SI-SDRi; 0 never stops
     max_nonfinite: int = 20  # skipped updates in a row before the run stops
     n_val_audio: int = 3  # validation samples written to TensorBoard as audio + spectrogram
+    max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo trains for a fixed time)
+    progress_bar: bool = False  # a tqdm bar on rank 0 (the log lines are still written)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     seed: int = 1234
@@ -166,6 +168,10 @@ class EvalConfig:
     n_samples: int = 200
     pesq_sr: int = 16_000  # wide-band PESQ is defined at 16 kHz
     use_ema: bool = True
+    # Edges of the SNR bands of the breakdown (dB); the last band is closed: [10, 15].
+    snr_band_edges_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0, 10.0, 15.0])
+    sdr: bool = False  # BSS-Eval SDR (mir_eval): seconds per sample at 48 kHz, so off by default
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (the generator; metrics run on the CPU)
 
 
 @dataclass

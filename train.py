@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
@@ -350,8 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     log_sums: dict[str, torch.Tensor] = {}  # summed on the device; .item() only at log steps
     log_counts: dict[str, int] = {}
     log_count, nonfinite_run, corrupt = 0, 0, 0
-    t_log = time.perf_counter()
+    t_start = t_log = time.perf_counter()
     stop_reason = "total_steps reached"
+    bar = tqdm(total=cfg.train.total_steps, initial=step, unit="step", dynamic_ncols=True,
+               disable=not (master and cfg.train.progress_bar))
     data_iter = iter(train_loader)
     while step < cfg.train.total_steps:
         batch = next(data_iter)
@@ -406,6 +409,7 @@ def main(argv: list[str] | None = None) -> None:
             log_counts[k] = log_counts.get(k, 0) + 1
         log_count += 1
         step += 1
+        bar.update(1)
         if not last_micro:
             continue
 
@@ -469,9 +473,18 @@ def main(argv: list[str] | None = None) -> None:
                      " ".join(f"{k}={stats[k]:.4g}" for k in keys), nonfinite_total, corrupt)
             log_sums, log_counts, log_count, t_log = {}, {}, 0, time.perf_counter()
 
+        # ---- end of run? (every rank must agree, so the budget decision is all-reduced)
+        final = step >= cfg.train.total_steps
+        if cfg.train.max_minutes:
+            over = torch.tensor(float(time.perf_counter() - t_start > 60 * cfg.train.max_minutes))
+            if ddp:
+                dist.all_reduce(over, op=dist.ReduceOp.MAX)
+            if over.item():
+                final, stop_reason = True, f"time budget of {cfg.train.max_minutes:g} min used"
+
         # ---- validation, best checkpoint, early stopping
         is_best = False
-        if step % cfg.train.val_every == 0:
+        if step % cfg.train.val_every == 0 or final:
             val = validate()
             if writer is not None:
                 for k, v in val.items():
@@ -484,8 +497,12 @@ def main(argv: list[str] | None = None) -> None:
                 log.info("best step=%d si_sdri=%.3f", step, best)
             else:
                 bad_vals += 1
+            bar.set_postfix(val_si_sdri=f"{val['si_sdri']:.2f}")
+            if cfg.train.early_stop_patience and bad_vals >= cfg.train.early_stop_patience:
+                final, stop_reason = True, f"no better si_sdri in {bad_vals} validations"
         # ---- checkpoints: last (always at an interval), best, rotation of step_*.pt
-        if step % cfg.train.ckpt_every == 0 or is_best:
+        periodic = step % cfg.train.ckpt_every == 0 or final
+        if periodic or is_best:
             rngs = [None] * world
             if ddp:
                 dist.all_gather_object(rngs, rng_state())
@@ -507,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
                     "nonfinite_total": nonfinite_total,
                     "rng": rngs,
                 }
-                if step % cfg.train.ckpt_every == 0:
+                if periodic:
                     save_checkpoint(run_dir / f"{CKPT_PREFIX}{step:09d}.pt", payload)
                     for old in sorted(run_dir.glob(f"{CKPT_PREFIX}*.pt"))[
                         : -cfg.train.keep_checkpoints or None
@@ -516,10 +533,10 @@ def main(argv: list[str] | None = None) -> None:
                     save_checkpoint(run_dir / "last.pt", payload)
                 if is_best:
                     save_checkpoint(run_dir / "best.pt", payload)
-        if cfg.train.early_stop_patience and bad_vals >= cfg.train.early_stop_patience:
-            stop_reason = f"no better si_sdri in {bad_vals} validations"
+        if final:
             break
 
+    bar.close()
     if master:
         log.info("training finished step=%d best_si_sdri=%.3f reason=%s", step, best,
                  stop_reason.replace(" ", "_"))
