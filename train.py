@@ -549,4 +549,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        # Into train.log as well as the console, so monitor_training.sh sees the traceback
+        # (CUDA out-of-memory included).
+        log.exception("crashed")
+        raise
