@@ -4,7 +4,24 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint bench clean-venv
+.PHONY: test lint bench demo clean-venv
+
+# `make demo`: synthetic corpus (default) or DEMO=shared (RAVDESS in ../shared/data: actors
+# 01-12 train, 13-16 test). DEMO_MINUTES is the CPU training budget.
+DEMO ?= synthetic
+DEMO_MINUTES ?= 15
+DEMO_CORPUS_ARGS ?=  # e.g. --n-train 8: a smaller synthetic corpus (tests/test_demo.py)
+DEMO_EVAL_ARGS ?=  # e.g. --n-samples 20
+ifeq ($(DEMO),shared)
+DEMO_DIR := exp/demo_shared
+DEMO_CFG := configs/demo_shared.yaml
+DEMO_TEST_CFG := configs/demo_shared_test.yaml
+else
+DEMO_DIR := exp/demo
+DEMO_CFG := configs/demo.yaml
+DEMO_TEST_CFG := configs/demo_test.yaml
+endif
+RAVDESS := $(abspath ../shared/data/speech/ravdess)
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +35,26 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+
+demo: $(STAMP)
+ifeq ($(DEMO),shared)
+	test -d $(RAVDESS) || { echo "$(RAVDESS) is missing" >&2; exit 1; }
+	mkdir -p $(DEMO_DIR)/train_speech $(DEMO_DIR)/test_speech
+	for a in 01 02 03 04 05 06 07 08 09 10 11 12; do \
+		ln -sfn $(RAVDESS)/Actor_$$a $(DEMO_DIR)/train_speech/Actor_$$a; done
+	for a in 13 14 15 16; do ln -sfn $(RAVDESS)/Actor_$$a $(DEMO_DIR)/test_speech/Actor_$$a; done
+else
+	$(PY) -m data.demo_corpus --out $(DEMO_DIR)/corpus $(DEMO_CORPUS_ARGS)
+endif
+	$(PY) -m data.prepare_manifest --config $(DEMO_CFG) --no-progress
+	$(PY) -m data.prepare_manifest --config $(DEMO_TEST_CFG) --no-progress
+	rm -rf $(DEMO_DIR)/run  # a fresh run each time (the corpus and packing are kept)
+	PYTHONUNBUFFERED=1 $(PY) train.py --config $(DEMO_CFG) --set train.max_minutes=$(DEMO_MINUTES)
+	$(PY) evaluate.py --ckpt $(DEMO_DIR)/run/best.pt --config $(DEMO_TEST_CFG) \
+		--out-dir $(DEMO_DIR)/eval $(DEMO_EVAL_ARGS)
+	$(PY) inference.py --ckpt $(DEMO_DIR)/run/best.pt --mix $(DEMO_DIR)/eval/examples/median_mix.wav \
+		--ref $(DEMO_DIR)/eval/examples/median_ref.wav -o $(DEMO_DIR)/extracted.wav
+	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --minutes $(DEMO_MINUTES)
 
 bench: $(STAMP)
 	$(PY) bench/bench_model.py

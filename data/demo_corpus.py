@@ -305,10 +305,30 @@ def build(
     for i, seq in enumerate(rir_seq.spawn(n_rir)):
         folder = out / ("test_rir" if i >= n_rir * 3 // 4 else "rir")
         save_audio(folder / f"room_{i:03d}.wav", room_rir(np.random.default_rng(seq)))
+    _write_example(out, np.random.default_rng(root.spawn(1)[0]))
     summary = {"seed": seed, "n_train": n_train, "n_val": n_val, "n_test": n_test,
                "utts_per_speaker": utts_per_speaker, "voices": voices}
     (out / "corpus.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _write_example(out: Path, rng: np.random.Generator) -> None:
+    """One unseen-speaker pair for inference: example/{mix,ref,target}.wav (dry, with noise)."""
+    from data.audio_utils import load_audio
+
+    speakers = sorted((out / "test_speech").iterdir())
+    target_utts = sorted(speakers[0].glob("*.wav"))
+    target, ref = load_audio(target_utts[0]), load_audio(target_utts[1])
+    other = load_audio(sorted(speakers[1].glob("*.wav"))[0])
+    noise = load_audio(sorted((out / "test_noise").glob("*.wav"))[0])
+    n = len(target)
+    interferer = np.resize(other, n) * 0.8
+    noise = np.resize(noise, n)
+    noise *= 0.3 * np.sqrt(np.mean(target**2) / (np.mean(noise**2) + 1e-12))  # ~10 dB SNR
+    mix = target + interferer + noise
+    gain = min(1.0, 0.95 / np.abs(mix).max())
+    for name, wave in (("mix", mix * gain), ("target", target * gain), ("ref", ref)):
+        save_audio(out / "example" / f"{name}.wav", wave)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -282,7 +282,10 @@ def scan_rir(sources: list[str | dict[str, Any]]) -> ScanResult:
 
 def n_validation(n_groups: int, val_fraction: float) -> int:
     """How many of ``n_groups`` sorted groups go to validation: the rounded fraction, at least
-    one when there are two or more groups (and a positive fraction), never all of them."""
+    one when there are two or more groups (and a positive fraction), never all of them, except
+    ``val_fraction >= 1``: a held-out test corpus, all of it validation."""
+    if val_fraction >= 1:
+        return n_groups
     if n_groups < 2 or val_fraction <= 0:
         return 0
     return min(n_groups - 1, max(1, math.floor(val_fraction * n_groups + 0.5)))

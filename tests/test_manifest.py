@@ -202,3 +202,10 @@ def test_cli_scan_only_writes_manifests(tmp_path: Path) -> None:
         "speaker_manifest.json",
     ]  # no temporary files left behind
     assert load_config(cfg).data.val_fraction == pytest.approx(0.05)  # --set did not write back
+
+
+def test_val_fraction_one_holds_out_everything() -> None:
+    # A held-out test corpus (the demo's test speakers): every speaker is validation.
+    assert n_validation(4, 1.0) == 4
+    assert n_validation(1, 1.0) == 1
+    assert n_validation(4, 0.99) == 3
