@@ -22,6 +22,15 @@ from models.usef import FiLMLayer, USEFCrossAttention
 RMS_EPS = 1e-8  # float32 waveforms only, so this never underflows
 
 
+def rms_scale(wave: torch.Tensor) -> torch.Tensor:
+    """The level ``Generator`` divides a waveform by: its RMS (+ ``RMS_EPS``), in float32.
+
+    Shape:
+        (B, N) -> (B, 1)
+    """
+    return wave.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS
+
+
 class CheckpointError(ValueError):
     """A file that is not a usable HiFi-TSE checkpoint; the message names the file."""
 
@@ -93,13 +102,35 @@ class Generator(nn.Module):
         return self.blocks[i](z)
 
     def forward(self, mix: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """Shape: mix (B, N), ref (B, M) -> (B, N); ``extract(mix, encode_reference(ref))``."""
+        return self.extract(mix, self.encode_reference(ref))
+
+    def encode_reference(self, ref: torch.Tensor) -> torch.Tensor:
+        """Embed the reference once; ``extract`` reuses it for any number of mixture windows.
+
+        Shape:
+            ref (B, M) -> z_ref (B, S, K, D)
+        """
+        ref_scale = rms_scale(ref)  # (B, 1)
+        return self.encoder(self.stft(ref.float() / ref_scale))
+
+    def extract(
+        self, mix: torch.Tensor, z_ref: torch.Tensor, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The target in ``mix`` given an embedded reference (``encode_reference``).
+
+        ``scale`` is the level the mixture is divided by on the way in and multiplied by on the
+        way out; by default the mixture's own RMS. A caller that runs a long recording window
+        by window passes one scale for every window, so the level never changes between them.
+
+        Shape:
+            mix (B, N), z_ref (B, S, K, D), scale (B, 1) -> (B, N)
+        """
         n_samples = mix.shape[-1]
         # Scale-free input: the network sees unit-RMS signals, the estimate gets the mix's scale.
-        scale = mix.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS  # (B, 1)
-        ref_scale = ref.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS
+        scale = rms_scale(mix) if scale is None else scale.float()  # (B, 1)
         mix_spec = self.stft(mix.float() / scale)  # (B, F, T) complex
         z = self.encoder(mix_spec)  # (B, T, K, D)
-        z_ref = self.encoder(self.stft(ref.float() / ref_scale))  # (B, S, K, D)
         z = self.usef(z, z_ref)
         if self.film is not None:
             z = self.film(z, z_ref)
