@@ -44,6 +44,7 @@ from losses.separation import (
     phase_sensitive_loss,
     si_sdr,
     si_sdr_loss,
+    snr_loss,
     ta_energy_loss,
     ta_suppression_db,
 )
@@ -54,6 +55,7 @@ from models.generator import Generator
 log = logging.getLogger("train")
 CKPT_PREFIX = "step_"
 LOG_ONLY_TERMS = ("loss", "rms_ratio", "disc", "adv", "feat_match")  # logged, not weighted
+TA_TERMS = ("ta_energy",)  # averaged over target-absent items; every other term over TP items
 
 
 class StepSampler(Sampler):
@@ -293,6 +295,7 @@ def main(argv: list[str] | None = None) -> None:
         tp = (~batch["is_ta"]).float()
         stft = gen_module.stft
         terms = {"si_sdr": si_sdr_loss(est, target, weights=tp),
+                 "snr": snr_loss(est, target, weights=tp),
                  "ta_energy": ta_energy_loss(est, mix, weights=1 - tp)}
         if weights["phase_sensitive"] or weights["amplitude"]:
             est_spec, target_spec = stft(est), stft(target)
@@ -304,8 +307,12 @@ def main(argv: list[str] | None = None) -> None:
             terms["l1"] = waveform_l1_loss(est, target, weights=tp)
         return terms
 
-    def weighted_sum(terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        return sum(w * terms[k] for k, w in weights.items() if w and k in terms)
+    def weighted_sum(terms: dict[str, torch.Tensor], is_ta: torch.Tensor) -> torch.Tensor:
+        """Each term is a mean over the items it covers; weighting it by their share of the
+        batch makes the total a per-item mean (20 % TA items weigh 20 %, not 50 %)."""
+        ta_share = is_ta.float().mean()
+        share = {k: ta_share if k in TA_TERMS else 1 - ta_share for k in terms}
+        return sum(w * share[k] * terms[k] for k, w in weights.items() if w and k in terms)
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
             sdr = si_sdr(est[tp], batch["target"][tp])
             sdr_mix = si_sdr(batch["mix"][tp], batch["target"][tp])
             supp = ta_suppression_db(est[~tp], batch["mix"][~tp])
-            loss = weighted_sum(loss_terms(est, batch))
+            loss = weighted_sum(loss_terms(est, batch), batch["is_ta"])
             sums += torch.tensor([sdr.sum(), (sdr - sdr_mix).sum(), tp.sum(), supp.sum(),
                                   (~tp).sum(), loss, 1], dtype=torch.float64, device=device)
             if len(examples) < cfg.train.n_val_audio:
@@ -398,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
                     terms["adv"] = generator_adversarial_loss(fake_logits)
                     terms["feat_match"] = feature_matching_loss(real_feats, fake_feats)
                 disc.requires_grad_(True)
-        loss = weighted_sum(terms)
+        loss = weighted_sum(terms, batch["is_ta"])
         if gan_w:
             loss = loss + gan_w * (cfg.gan.adv_weight * terms["adv"]
                                    + cfg.gan.fm_weight * terms["feat_match"])

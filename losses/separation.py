@@ -158,6 +158,26 @@ def si_sdr_loss(estimate: Tensor, target: Tensor, *, weights: Tensor | None = No
     return weighted_mean(-si_sdr(estimate, target), weights)
 
 
+def snr_loss(estimate: Tensor, target: Tensor, *, weights: Tensor | None = None) -> Tensor:
+    """Negative SNR (dB) of the estimate against the target, averaged over selected items.
+
+    Unlike SI-SDR it is not scale-invariant: a target-present estimate that is too quiet costs
+    as much as one that is distorted. Without such a term the target-absent energy loss is free
+    to turn every output down (SI-SDR does not see the level), which is what happened.
+
+    Shape:
+        estimate, target: ``(B, N)``; weights: ``(B,)`` 0/1 or ``None``; returns a scalar.
+    """
+    check_waves(estimate, target)
+    with autocast_off(estimate):
+        est, tgt = to_float32(estimate), to_float32(target)
+        signal = _energy(tgt)
+        noise = _energy(tgt - est)
+        eps = SI_SDR_REL_EPS * signal + ENERGY_EPS
+        snr = 10 * torch.log10((signal + eps) / (noise + eps))
+    return weighted_mean(-snr, weights)
+
+
 def si_sdr_improvement(estimate: Tensor, target: Tensor, mixture: Tensor) -> Tensor:
     """SI-SDR of the estimate minus SI-SDR of the unprocessed mixture, in dB.
 

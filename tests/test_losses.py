@@ -446,3 +446,18 @@ def test_feature_matching_loss() -> None:
     loss.backward()
     assert all(r.grad is None for sub in real for r in sub)
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for sub in fake for f in sub)
+
+
+def test_snr_loss_sees_the_level_that_si_sdr_ignores() -> None:
+    from losses.separation import si_sdr_loss, snr_loss
+
+    target = torch.randn(2, 8000, generator=torch.Generator().manual_seed(3))
+    half = 0.5 * target  # perfect shape, 6 dB too quiet
+    assert si_sdr_loss(half, target).item() < -90  # SI-SDR: perfect
+    assert snr_loss(half, target).item() == pytest.approx(-20 * math.log10(2), abs=1e-3)
+    weights = torch.tensor([1.0, 0.0])
+    garbage = half.clone()
+    garbage[1] = torch.randn(8000) * 100
+    assert snr_loss(garbage, target, weights=weights).item() == pytest.approx(
+        snr_loss(half[:1], target[:1]).item(), abs=1e-4
+    )
