@@ -365,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     log_count, nonfinite_run, corrupt = 0, 0, 0
     t_start = t_log = time.perf_counter()
     stop_reason = "total_steps reached"
-    bar = tqdm(total=cfg.train.total_steps, initial=step, unit="step", dynamic_ncols=True,
+    # Under a time budget total_steps is only a cap, and its ETA would mislead.
+    bar = tqdm(total=None if cfg.train.max_minutes else cfg.train.total_steps, initial=step,
+               unit="step", dynamic_ncols=True,
                disable=not (master and cfg.train.progress_bar))
     data_iter = iter(train_loader)
     while step < cfg.train.total_steps:

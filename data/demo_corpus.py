@@ -300,7 +300,8 @@ def build(
         kind = list(NOISE_KINDS)[i % len(NOISE_KINDS)]
         wave = NOISE_KINDS[kind](rng, int(SAMPLE_RATE * rng.uniform(8, 15)))
         wave = wave / (np.abs(wave).max() + 1e-9) * 0.5
-        folder = out / ("test_noise" if i % 4 == 3 and i >= n_noise // 2 else "noise")
+        # The last clip of every kind is a test noise: unseen, and every kind represented.
+        folder = out / ("test_noise" if i >= n_noise - len(NOISE_KINDS) else "noise")
         save_audio(folder / f"{kind}_{i:03d}.wav", wave)
     for i, seq in enumerate(rir_seq.spawn(n_rir)):
         folder = out / ("test_rir" if i >= n_rir * 3 // 4 else "rir")
