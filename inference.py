@@ -47,10 +47,8 @@ import contextlib
 import csv
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -61,7 +59,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from data.audio_utils import SAMPLE_RATE, AudioError
+from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
 from models.generator import RMS_EPS, CheckpointError, Generator
 
 log = logging.getLogger(__name__)
@@ -170,27 +168,6 @@ def fit_length(blocks: Iterable[np.ndarray], n_samples: int) -> Iterator[np.ndar
             return
     if done < n_samples:
         yield np.zeros(n_samples - done, dtype=np.float32)
-
-
-@contextlib.contextmanager
-def atomic_writer(path: Path, sr: int) -> Iterator[sf.SoundFile]:
-    """A mono ``SoundFile`` open on a temporary file beside ``path``; renamed onto ``path`` when
-    the block exits normally, deleted otherwise (as ``data.audio_utils.save_audio``)."""
-    fmt = path.suffix.lstrip(".").upper()
-    if fmt not in sf.available_formats():
-        raise AudioError(f"{path}: unsupported audio format '{path.suffix}'")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        # Float WAV keeps the estimate's full range: an extraction may exceed 0 dBFS.
-        subtype = "FLOAT" if fmt == "WAV" else None
-        with sf.SoundFile(tmp, "w", samplerate=sr, channels=1, format=fmt, subtype=subtype) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------

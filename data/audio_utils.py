@@ -6,8 +6,10 @@ project is mono float32 at 48 kHz.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +60,12 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     return np.ascontiguousarray(wave), int(file_sr)
 
 
-def save_audio(path: str | Path, wave: np.ndarray | torch.Tensor, sr: int = SAMPLE_RATE) -> None:
-    """Write mono ``wave`` atomically: a temporary file in the same folder, then a rename, so an
-    interrupted write never leaves a half-written file under ``path``."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, sr: int = SAMPLE_RATE) -> Iterator[sf.SoundFile]:
+    """A mono ``SoundFile`` open on a temporary file beside ``path``: renamed onto ``path`` when
+    the block exits normally, deleted otherwise, so an interrupted write never leaves a
+    half-written file under ``path``. Streaming writers (inference.py) write block by block."""
     path = Path(path)
-    if isinstance(wave, torch.Tensor):
-        wave = wave.detach().float().cpu().numpy()
-    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     fmt = path.suffix.lstrip(".").upper()
     if fmt not in sf.available_formats():
         raise AudioError(f"{path}: unsupported audio format '{path.suffix}'")
@@ -74,11 +75,20 @@ def save_audio(path: str | Path, wave: np.ndarray | torch.Tensor, sr: int = SAMP
     try:
         # Float WAV keeps the estimate's full range: an extraction may exceed 0 dBFS.
         subtype = "FLOAT" if fmt == "WAV" else None
-        sf.write(tmp, wave, sr, format=fmt, subtype=subtype)
+        with sf.SoundFile(tmp, "w", samplerate=sr, channels=1, format=fmt, subtype=subtype) as f:
+            yield f
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_audio(path: str | Path, wave: np.ndarray | torch.Tensor, sr: int = SAMPLE_RATE) -> None:
+    """Write mono ``wave`` atomically (see ``atomic_writer``)."""
+    if isinstance(wave, torch.Tensor):
+        wave = wave.detach().float().cpu().numpy()
+    with atomic_writer(path, sr) as f:
+        f.write(np.asarray(wave, dtype=np.float32).reshape(-1))
 
 
 class STFT(nn.Module):
