@@ -97,6 +97,17 @@ def check_waves(estimate: Tensor, target: Tensor) -> None:
         )
 
 
+def check_spectra(est_spec: Tensor, target_spec: Tensor, name: str) -> None:
+    """Raise unless both are complex ``(B, F, T)`` spectra of the same shape."""
+    if not (est_spec.is_complex() and target_spec.is_complex()):
+        raise TypeError(f"{name} expects complex spectra")
+    if est_spec.dim() != 3 or est_spec.shape != target_spec.shape:
+        raise ValueError(
+            f"expected two (B, F, T) spectra of equal shape, got {tuple(est_spec.shape)} "
+            f"and {tuple(target_spec.shape)}"
+        )
+
+
 def _energy(x: Tensor) -> Tensor:
     """Sum of squares over the last axis, ``(B, N) -> (B,)``."""
     return x.square().sum(dim=-1)
@@ -233,13 +244,7 @@ def phase_sensitive_loss(
         weights: ``(B,)`` 0/1 mask of the target-present items, or ``None``.
         returns: scalar.
     """
-    if not (est_spec.is_complex() and target_spec.is_complex()):
-        raise TypeError("phase_sensitive_loss expects complex spectra")
-    if est_spec.dim() != 3 or est_spec.shape != target_spec.shape:
-        raise ValueError(
-            f"expected two (B, F, T) spectra of equal shape, got {tuple(est_spec.shape)} "
-            f"and {tuple(target_spec.shape)}"
-        )
+    check_spectra(est_spec, target_spec, "phase_sensitive_loss")
     with autocast_off(est_spec):
         est = to_float32(est_spec)
         tgt = to_float32(target_spec).to(est.dtype)

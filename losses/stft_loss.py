@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from losses.separation import (
     ENERGY_EPS,
     autocast_off,
+    check_spectra,
     check_waves,
     to_float32,
     weighted_mean,
@@ -157,13 +158,7 @@ def amplitude_loss(est_spec: Tensor, target_spec: Tensor, weights: Tensor | None
         weights: ``(B,)`` 0/1 mask, or ``None``.
         returns: scalar.
     """
-    if not (est_spec.is_complex() and target_spec.is_complex()):
-        raise TypeError("amplitude_loss expects complex spectra")
-    if est_spec.dim() != 3 or est_spec.shape != target_spec.shape:
-        raise ValueError(
-            f"expected two (B, F, T) spectra of equal shape, got {tuple(est_spec.shape)} "
-            f"and {tuple(target_spec.shape)}"
-        )
+    check_spectra(est_spec, target_spec, "amplitude_loss")
     with autocast_off(est_spec):
         est = to_float32(est_spec)
         est_mag = _magnitude(est)
