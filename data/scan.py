@@ -90,11 +90,19 @@ def _normalise_spec(
     return {**spec, "layout": layout, "root": root, "name": name}
 
 
-def _check_unique_names(specs: list[dict[str, Any]], where: str) -> None:
+def _normalise_specs(
+    sources: list[Any], where: str, *, layouts: tuple[str, ...], allowed: set[str]
+) -> list[dict[str, Any]]:
+    """Every source of one config key as a checked spec; source names must be unique."""
+    specs = [
+        _normalise_spec(s, where=f"{where}[{i}]", layouts=layouts, allowed=allowed)
+        for i, s in enumerate(sources)
+    ]
     names = [s["name"] for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"config key '{where}': source names must be unique, repeated: {dupes}")
+    return specs
 
 
 def _audio_files(root: Path) -> list[Path]:
@@ -185,13 +193,9 @@ def speaker_rule(spec: dict[str, Any]) -> tuple[re.Pattern[str], str]:
 
 def scan_speech(sources: list[dict[str, Any]]) -> ScanResult:
     """Speech files of every source, with speaker ids and the validation split unset."""
-    specs = [
-        _normalise_spec(
-            s, where=f"data.speech_sources[{i}]", layouts=SPEECH_LAYOUTS, allowed=_SPEECH_KEYS
-        )
-        for i, s in enumerate(sources)
-    ]
-    _check_unique_names(specs, "data.speech_sources")
+    specs = _normalise_specs(
+        sources, "data.speech_sources", layouts=SPEECH_LAYOUTS, allowed=_SPEECH_KEYS
+    )
     entries: list[dict[str, Any]] = []
     problems: list[dict[str, str]] = []
     for spec in specs:
@@ -214,13 +218,7 @@ def scan_speech(sources: list[dict[str, Any]]) -> ScanResult:
 
 def scan_noise(sources: list[str | dict[str, Any]]) -> ScanResult:
     """Noise files: DEMAND (chosen channels of each environment) or every file of a folder."""
-    specs = [
-        _normalise_spec(
-            s, where=f"data.noise_dirs[{i}]", layouts=NOISE_LAYOUTS, allowed=_NOISE_KEYS
-        )
-        for i, s in enumerate(sources)
-    ]
-    _check_unique_names(specs, "data.noise_dirs")
+    specs = _normalise_specs(sources, "data.noise_dirs", layouts=NOISE_LAYOUTS, allowed=_NOISE_KEYS)
     entries: list[dict[str, Any]] = []
     problems: list[dict[str, str]] = []
     for spec in specs:
@@ -242,11 +240,7 @@ def scan_rir(sources: list[str | dict[str, Any]]) -> ScanResult:
     ``channels`` decides what a multi-channel file gives: ``first`` its channel 0, ``all`` one
     RIR per channel, ``mix`` the downmix. Defaults: ``first`` for slr28, ``mix`` otherwise.
     """
-    specs = [
-        _normalise_spec(s, where=f"data.rir_dirs[{i}]", layouts=RIR_LAYOUTS, allowed=_RIR_KEYS)
-        for i, s in enumerate(sources)
-    ]
-    _check_unique_names(specs, "data.rir_dirs")
+    specs = _normalise_specs(sources, "data.rir_dirs", layouts=RIR_LAYOUTS, allowed=_RIR_KEYS)
     entries: list[dict[str, Any]] = []
     problems: list[dict[str, str]] = []
     for i, spec in enumerate(specs):
