@@ -109,6 +109,8 @@ class LossConfig:
     # Scale-aware partner of SI-SDR on target-present items: without it the TA energy loss
     # turned every output down (estimate/target RMS fell to 0.05 in a demo run).
     snr: float = 0.5
+    # |dB| level error on TP items: the counterweight of ta_energy, which is also in dB.
+    level: float = 0.1
     phase_sensitive: float = 0.1
     ta_energy: float = 0.1
     multi_res_stft: float = 0.0

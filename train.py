@@ -41,6 +41,7 @@ from losses.adversarial import (
     generator_adversarial_loss,
 )
 from losses.separation import (
+    level_loss,
     phase_sensitive_loss,
     si_sdr,
     si_sdr_loss,
@@ -296,6 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         stft = gen_module.stft
         terms = {"si_sdr": si_sdr_loss(est, target, weights=tp),
                  "snr": snr_loss(est, target, weights=tp),
+                 "level": level_loss(est, target, weights=tp),
                  "ta_energy": ta_energy_loss(est, mix, weights=1 - tp)}
         if weights["phase_sensitive"] or weights["amplitude"]:
             est_spec, target_spec = stft(est), stft(target)

@@ -91,7 +91,15 @@ class _BandGrid(nn.Module):
 
 
 class BandSplitEncoder(nn.Module):
-    """Per band: normalise the real+imag bins (masked LayerNorm), project to ``feature_dim``.
+    """Per band: normalise the real+imag bins (masked LayerNorm), project to ``feature_dim``,
+    and add the band's log energy through a learned per-band vector.
+
+    The per-frame normalisation makes every band-frame look equally loud, so on its own it
+    hides which frames and bands carry energy (silence, onsets, which voice dominates), the
+    cue separation learns first. With the log energy added back, a demo model trained on two
+    fixed synthetic voices went from no improvement after 250 steps to +2.4 dB SI-SDRi after
+    1000 (doc/benchmarks.md). Generator inputs are RMS-normalised, so the energy is relative
+    to the signal's own level and the output stays scale-equivariant.
 
     Shape:
         spec (B, F, T) complex -> (B, T, K, D)
@@ -105,10 +113,13 @@ class BandSplitEncoder(nn.Module):
         self.norm_bias = nn.Parameter(torch.zeros(n))
         self.proj_weight = nn.Parameter(torch.empty(n, feature_dim))
         self.proj_bias = nn.Parameter(torch.zeros(self.grid.n_bands, feature_dim))
-        widths = self.grid.valid_ri.sum(1).repeat_interleave(self.grid.valid_ri.sum(1))
+        self.energy_weight = nn.Parameter(torch.empty(self.grid.n_bands, feature_dim))
+        band_ri = self.grid.valid_ri.sum(1)  # (K,) real features per band
+        widths = band_ri.repeat_interleave(band_ri)
         with torch.no_grad():  # nn.Linear's default init, per band fan-in
             bound = 1.0 / widths.float().sqrt()
             self.proj_weight.uniform_(-1.0, 1.0).mul_(bound[:, None])
+            self.energy_weight.uniform_(-1.0, 1.0).div_(band_ri.float().sqrt()[:, None])
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
         grid = self.grid
@@ -122,7 +133,9 @@ class BandSplitEncoder(nn.Module):
         x = (x - mean) * torch.rsqrt(var + NORM_EPS)
         x = x * grid.pad(self.norm_weight) + grid.pad(self.norm_bias)  # padding stays 0
         weight = grid.pad(self.proj_weight)  # (K, 2W, D)
-        return torch.einsum("btkf,kfd->btkd", x, weight.to(x.dtype)) + self.proj_bias
+        log_energy = torch.log10(var + NORM_EPS)  # (B, T, K, 1): -5 for digital silence
+        return (torch.einsum("btkf,kfd->btkd", x, weight.to(x.dtype)) + self.proj_bias
+                + log_energy * self.energy_weight)
 
 
 class BandMergeDecoder(nn.Module):

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+STD_EPS = 1e-5
+
 
 class FrameAttention(nn.Module):
     """Multi-head attention between the frames of two (time, band) grids.
@@ -72,9 +74,15 @@ class USEFCrossAttention(nn.Module):
 
 
 class FiLMLayer(nn.Module):
-    """Per-channel scale and shift from the time- and band-pooled reference embedding.
+    """Per-channel scale and shift from statistics pooling of the reference embedding.
 
-    Starts as the identity (zero-initialised projection), so FiLM can only add conditioning.
+    The embedding is linear in the reference's real/imaginary STFT, so its time average is
+    close to zero whatever the speaker: phases differ from frame to frame and cancel. Its
+    standard deviation over time is a quadratic form of the band's spectrum (pitch harmonics,
+    formants), which is where a voice lives. So, as in x-vector statistics pooling, each band's
+    mean and std over time go through a shared nonlinear layer, are averaged over bands, and
+    give the scale and shift. Starts as the identity (zero-initialised output projection), so
+    FiLM can only add conditioning.
 
     Shape:
         z (B, T, K, D), z_ref (B, S, K, D) -> (B, T, K, D)
@@ -82,10 +90,15 @@ class FiLMLayer(nn.Module):
 
     def __init__(self, *, feature_dim: int) -> None:
         super().__init__()
+        self.embed = nn.Sequential(nn.Linear(2 * feature_dim, feature_dim), nn.PReLU())
         self.proj = nn.Linear(feature_dim, 2 * feature_dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.proj(z_ref.mean(dim=(1, 2))).chunk(2, dim=-1)  # (B, D) each
+        mean = z_ref.mean(dim=1)  # (B, K, D)
+        # sqrt(var + eps): finite gradient for a constant (e.g. digitally silent) reference.
+        std = (z_ref - mean[:, None]).pow(2).mean(dim=1).add(STD_EPS).sqrt()
+        speaker = self.embed(torch.cat([mean, std], dim=-1)).mean(dim=1)  # (B, D)
+        scale, shift = self.proj(speaker).chunk(2, dim=-1)  # (B, D) each
         return z * (1 + scale[:, None, None]) + shift[:, None, None]

@@ -461,3 +461,28 @@ def test_snr_loss_sees_the_level_that_si_sdr_ignores() -> None:
     assert snr_loss(garbage, target, weights=weights).item() == pytest.approx(
         snr_loss(half[:1], target[:1]).item(), abs=1e-4
     )
+
+
+def test_level_loss_is_the_db_level_error_and_keeps_pulling_a_muted_output_up() -> None:
+    from losses.separation import level_loss, snr_loss, ta_energy_loss
+
+    target = torch.randn(2, 8000, generator=torch.Generator().manual_seed(4))
+    for gain in (0.5, 2.0):  # 6 dB too quiet or too loud cost the same
+        assert level_loss(gain * target, target).item() == pytest.approx(6.0206, abs=1e-3)
+    assert level_loss(target, target).item() == pytest.approx(0.0, abs=1e-4)
+    # The failure it exists for: at -40 dB the SNR term has almost no gradient left on the
+    # output gain, the TA term still pushes down at full strength; the level term pulls up
+    # as hard as the TA term pushes (both dB per dB).
+    log_gain = torch.tensor(math.log(0.01), requires_grad=True)
+    est = log_gain.exp() * target
+    snr_grad, = torch.autograd.grad(snr_loss(est, target), log_gain, retain_graph=True)
+    level_grad, = torch.autograd.grad(level_loss(est, target), log_gain, retain_graph=True)
+    ta_grad, = torch.autograd.grad(ta_energy_loss(est, target), log_gain)
+    db_per_neper = 20 / math.log(10)
+    assert level_grad.item() == pytest.approx(-db_per_neper, rel=1e-4)
+    assert ta_grad.item() == pytest.approx(db_per_neper, rel=0.02)  # 1 % less: its -60 dB floor
+    assert abs(snr_grad.item()) < 0.02 * ta_grad.item()  # -20 log10(1 - g): ~g of the above
+    weights = torch.tensor([1.0, 0.0])
+    other = target.clone()
+    other[1] *= 100
+    assert level_loss(other, target, weights=weights).item() == pytest.approx(0.0, abs=1e-4)

@@ -186,3 +186,41 @@ def test_non_checkpoint_files_are_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="not a HiFi-TSE checkpoint"):
         Generator.from_checkpoint(other)
+
+
+def test_film_tells_voices_apart_by_spectrum_not_by_phase() -> None:
+    """Band-split features are linear in Re/Im, so a voice's features change sign with the
+    phase and average to ~0 over time whatever the voice. FiLM's statistics pooling must give
+    two voices (different feature spreads) different conditioning, and two phases of one
+    voice (same spreads, other signs) the same one."""
+    from models.usef import FiLMLayer
+
+    torch.manual_seed(0)
+    film = FiLMLayer(feature_dim=16)
+    torch.nn.init.normal_(film.proj.weight)  # a trained projection, not the identity
+    z = torch.ones(1, 1, 8, 16)
+    spread_a, spread_b = torch.rand(1, 1, 8, 16) * 2, torch.rand(1, 1, 8, 16) * 2
+
+    def conditioning(spread: torch.Tensor) -> torch.Tensor:
+        signs = torch.randint(0, 2, (1, 400, 8, 16)) * 2.0 - 1.0  # random phase per frame
+        with torch.no_grad():
+            return film(z, signs * spread)
+
+    same = (conditioning(spread_a) - conditioning(spread_a)).abs().mean()
+    different = (conditioning(spread_a) - conditioning(spread_b)).abs().mean()
+    assert different > 5 * same, (different, same)
+
+
+def test_encoder_sees_how_loud_a_band_frame_is() -> None:
+    """The per-frame normalisation alone maps a band-frame and the same frame 20 dB quieter to
+    the same feature; the added log energy must tell them apart (silence, onsets, dominance)."""
+    torch.manual_seed(0)
+    encoder = BandSplitEncoder(bands=recipe_bands(), feature_dim=8)
+    frame = 10 * torch.randn(1, 1025, 1, dtype=torch.complex64)  # far above NORM_EPS
+    spec = torch.cat([frame, 0.1 * frame], dim=2)  # (1, F, 2): loud, then 20 dB quieter
+    with torch.no_grad():
+        z = encoder(spec)  # (1, 2, K, D)
+        difference = z[0, 0] - z[0, 1]
+        # exactly log10(100) = 2 decades of energy times each band's learned energy vector
+        expected = 2 * encoder.energy_weight
+    torch.testing.assert_close(difference, expected, atol=1e-3, rtol=1e-3)
