@@ -341,6 +341,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test", type=int, default=6)
     parser.add_argument("--utts-per-speaker", type=int, default=12)
     args = parser.parse_args(argv)
+    # The dataset mixes a target with an interferer of the same split, and the example pair
+    # needs two test speakers: every split needs at least two speakers.
+    for name in ("n_train", "n_val", "n_test"):
+        if getattr(args, name) < 2:
+            parser.error(f"--{name.replace('_', '-')} must be at least 2 (a target and an "
+                         "interferer of the same split)")
+    if args.utts_per_speaker < 2:
+        parser.error("--utts-per-speaker must be at least 2 (the reference is another utterance)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if (args.out / "corpus.json").is_file():
         log.info("demo corpus already at %s", args.out)

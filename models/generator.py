@@ -160,7 +160,11 @@ class Generator(nn.Module):
             raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
         model = cls(**ckpt["model_args"])
         state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["generator"]
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as err:  # e.g. written by an older version of this generator
+            first = str(err).strip().splitlines()[0]
+            raise CheckpointError(f"{path}: weights do not fit this generator ({first})") from None
         return model
 
     def checkpoint_payload(self, model_args: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     # print "Leaving directory" after the report's JSON line.
     cmd = ["make", "--no-print-directory", "demo", "DEMO_MINUTES=0.15",
            "DEMO_CORPUS_ARGS=--n-train 10 --n-val 2 --n-test 3 --utts-per-speaker 3",
-           "DEMO_EVAL_ARGS=--n-samples 6 --jobs 1"]
+           "DEMO_EVAL_ARGS=--n-samples 6 --jobs 1", "DEMO_COND_ARGS=--n-samples 6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -52,4 +52,7 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert len(out) == len(mix)
     last = result.stdout.strip().splitlines()[-1]
     assert json.loads(last)["bench"] == "demo_synthetic"
-    assert "demo_synthetic:start" in (repo / "doc" / "benchmarks.md").read_text()
+    doc = (repo / "doc" / "benchmarks.md").read_text()
+    assert "demo_synthetic:start" in doc
+    swap = doc.split("<!-- conditioning_synthetic:start -->")[1].split("<!-- conditioning")[0]
+    assert "SI-SDRi wrong ref dB" in swap

@@ -186,6 +186,15 @@ def test_non_checkpoint_files_are_refused(tmp_path: Path) -> None:
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="not a HiFi-TSE checkpoint"):
         Generator.from_checkpoint(other)
+    # Weights of another version of the generator (here: one parameter missing).
+    model = tiny_generator()
+    args = model_kwargs(load_config(CONFIGS / "tiny.yaml"))
+    payload = model.checkpoint_payload(args)
+    del payload["generator"]["encoder.energy_weight"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    with pytest.raises(CheckpointError, match=f"{old}: weights do not fit this generator"):
+        Generator.from_checkpoint(old)
 
 
 def test_film_tells_voices_apart_by_spectrum_not_by_phase() -> None:
