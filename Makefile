@@ -13,6 +13,8 @@ DEMO_MINUTES ?= 15
 DEMO_CORPUS_ARGS ?=  # e.g. --n-train 8: a smaller synthetic corpus (tests/test_demo.py)
 DEMO_EVAL_ARGS ?=  # e.g. --n-samples 20
 DEMO_COND_ARGS ?=  # e.g. --n-samples 20 (bench/bench_conditioning.py)
+# Results of a non-default budget go to their own doc/benchmarks.md sections.
+DEMO_TAG := $(DEMO)$(if $(filter 15,$(DEMO_MINUTES)),,_$(DEMO_MINUTES)min)
 ifeq ($(DEMO),shared)
 DEMO_DIR := exp/demo_shared
 DEMO_CFG := configs/demo_shared.yaml
@@ -54,7 +56,7 @@ endif
 	$(PY) evaluate.py --ckpt $(DEMO_DIR)/run/best.pt --config $(DEMO_TEST_CFG) \
 		--out-dir $(DEMO_DIR)/eval $(DEMO_EVAL_ARGS)
 	$(PY) bench/bench_conditioning.py --ckpt $(DEMO_DIR)/run/best.pt --config $(DEMO_TEST_CFG) \
-		--name $(DEMO) $(DEMO_COND_ARGS)
+		--name $(DEMO_TAG) $(DEMO_COND_ARGS)
 	$(PY) inference.py --ckpt $(DEMO_DIR)/run/best.pt --mix $(DEMO_DIR)/eval/examples/median_mix.wav \
 		--ref $(DEMO_DIR)/eval/examples/median_ref.wav -o $(DEMO_DIR)/extracted.wav
 	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --minutes $(DEMO_MINUTES)

@@ -51,8 +51,8 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert sr == mix_sr == 48_000
     assert len(out) == len(mix)
     last = result.stdout.strip().splitlines()[-1]
-    assert json.loads(last)["bench"] == "demo_synthetic"
+    assert json.loads(last)["bench"] == "demo_synthetic_0.15min"  # not the 15 min section
     doc = (repo / "doc" / "benchmarks.md").read_text()
-    assert "demo_synthetic:start" in doc
-    swap = doc.split("<!-- conditioning_synthetic:start -->")[1].split("<!-- conditioning")[0]
+    assert "demo_synthetic_0.15min:start" in doc
+    swap = doc.split("<!-- conditioning_synthetic_0.15min:start -->")[1].split("<!-- ")[0]
     assert "SI-SDRi wrong ref dB" in swap
