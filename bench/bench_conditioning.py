@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
-from losses.separation import si_sdr
+from losses.separation import si_sdr_improvement
 from models.generator import Generator
 
 
@@ -52,12 +52,11 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         for item, other in zip(items, wrong, strict=True):
-            mix, target = item["mix"][None].double(), item["target"][None].double()
-            base = si_sdr(mix, target).item()
-            own = model(item["mix"][None], item["ref"][None]).double()
-            swapped = model(item["mix"][None], other["ref"][None]).double()
-            rows.append([si_sdr(own, target).item() - base,
-                         si_sdr(swapped, target).item() - base])
+            mix, target = item["mix"][None], item["target"][None]
+            own = model(mix, item["ref"][None])
+            swapped = model(mix, other["ref"][None])
+            rows.append([si_sdr_improvement(est.double(), target.double(), mix.double()).item()
+                         for est in (own, swapped)])
     gains = np.array(rows)  # (n, 2): SI-SDRi with the own and with the wrong reference
     own_mean, wrong_mean = gains.mean(axis=0)
     better = float((gains[:, 0] > gains[:, 1]).mean())
