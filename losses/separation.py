@@ -113,6 +113,12 @@ def _energy(x: Tensor) -> Tensor:
     return x.square().sum(dim=-1)
 
 
+def _db(numerator: Tensor, denominator: Tensor) -> Tensor:
+    """``10 log10(numerator / denominator)`` of two energies, written as a difference of logs:
+    no overflow of the quotient when the denominator is tiny (callers add their floors)."""
+    return DB_PER_LOG10 * (torch.log10(numerator) - torch.log10(denominator))
+
+
 # ---------------------------------------------------------------------------------------------
 # SI-SDR
 # ---------------------------------------------------------------------------------------------
@@ -152,9 +158,7 @@ def si_sdr(estimate: Tensor, target: Tensor, *, zero_mean: bool = True) -> Tenso
         projection = alpha * tgt  # (B, N)
         distortion = est - projection
         eps = SI_SDR_REL_EPS * _energy(est) + ENERGY_EPS
-        return DB_PER_LOG10 * (
-            torch.log10(_energy(projection) + eps) - torch.log10(_energy(distortion) + eps)
-        )
+        return _db(_energy(projection) + eps, _energy(distortion) + eps)
 
 
 def si_sdr_loss(estimate: Tensor, target: Tensor, *, weights: Tensor | None = None) -> Tensor:
@@ -185,7 +189,7 @@ def snr_loss(estimate: Tensor, target: Tensor, *, weights: Tensor | None = None)
         signal = _energy(tgt)
         noise = _energy(tgt - est)
         eps = SI_SDR_REL_EPS * signal + ENERGY_EPS
-        snr = 10 * torch.log10((signal + eps) / (noise + eps))
+        snr = _db(signal + eps, noise + eps)
     return weighted_mean(-snr, weights)
 
 
@@ -203,9 +207,7 @@ def level_loss(estimate: Tensor, target: Tensor, *, weights: Tensor | None = Non
     check_waves(estimate, target)
     with autocast_off(estimate):
         est, tgt = to_float32(estimate), to_float32(target)
-        db = DB_PER_LOG10 * (
-            torch.log10(_energy(est) + ENERGY_EPS) - torch.log10(_energy(tgt) + ENERGY_EPS)
-        )
+        db = _db(_energy(est) + ENERGY_EPS, _energy(tgt) + ENERGY_EPS)
     return weighted_mean(db.abs(), weights)
 
 
@@ -308,11 +310,8 @@ def ta_energy_loss(
         est = to_float32(estimate)
         mix = to_float32(mixture).to(est.dtype)
         e_mix = _energy(mix)
-        # The same ratio written as a difference of logs: no E_est / E_mix overflow for a
-        # silent mixture, and the ENERGY_EPS terms keep both logs finite.
-        per_item = DB_PER_LOG10 * (
-            torch.log10(_energy(est) + floor * e_mix + ENERGY_EPS) - torch.log10(e_mix + ENERGY_EPS)
-        )
+        # The ENERGY_EPS terms keep both logs finite for a silent mixture or estimate.
+        per_item = _db(_energy(est) + floor * e_mix + ENERGY_EPS, e_mix + ENERGY_EPS)
         return weighted_mean(per_item, weights)
 
 
@@ -331,9 +330,7 @@ def ta_suppression_db(estimate: Tensor, mixture: Tensor) -> Tensor:
     with autocast_off(estimate):
         est = to_float32(estimate)
         mix = to_float32(mixture).to(est.dtype)
-        db = DB_PER_LOG10 * (
-            torch.log10(_energy(mix) + ENERGY_EPS) - torch.log10(_energy(est) + ENERGY_EPS)
-        )
+        db = _db(_energy(mix) + ENERGY_EPS, _energy(est) + ENERGY_EPS)
         return db.clamp(-MAX_SUPPRESSION_DB, MAX_SUPPRESSION_DB)
 
 
