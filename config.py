@@ -140,6 +140,11 @@ class TrainConfig:
     phase2_step: int = 100_000  # target-absent samples and noisy references from here
     noisy_ref_ramp: list[int] = field(default_factory=lambda: [100_000, 150_000])
     noisy_ref_max_prob: float = 0.5
+    # SIR curriculum: target-present mixtures start with every SIR raised by sir_boost_db, the
+    # boost falling linearly to 0 at sir_boost_steps. The target is then the louder voice at
+    # first, so the model learns to separate voices before it must pick one by the reference.
+    sir_boost_db: float = 0.0
+    sir_boost_steps: int = 0
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     log_every: int = 100
     val_every: int = 5000

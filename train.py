@@ -60,7 +60,8 @@ TA_TERMS = ("ta_energy",)  # averaged over target-absent items; every other term
 
 
 class StepSampler(Sampler):
-    """An endless stream of ``(index, ta_prob, noisy_ref_prob)`` for ``HiFiTSEDataset``.
+    """An endless stream of ``(index, ta_prob, noisy_ref_prob, sir_boost_db)`` for
+    ``HiFiTSEDataset``.
 
     Sample ``i`` belongs to micro-step ``i // batch_size``, and the phase schedule of that step
     is baked into the index, so the stream is a function of the step alone: a resumed run (or a
@@ -72,11 +73,12 @@ class StepSampler(Sampler):
         self.batch_size = batch_size
         self.cfg = cfg
 
-    def __iter__(self) -> Iterator[tuple[int, float, float]]:
+    def __iter__(self) -> Iterator[tuple[int, float, float, float]]:
         index = self.start
         while True:
-            ta_prob, noisy_ref_prob = phase_probs(self.cfg, index // self.batch_size)
-            yield index, ta_prob, noisy_ref_prob
+            step = index // self.batch_size
+            ta_prob, noisy_ref_prob = phase_probs(self.cfg, step)
+            yield index, ta_prob, noisy_ref_prob, sir_boost_db(self.cfg, step)
             index += 1
 
 
@@ -88,6 +90,15 @@ def phase_probs(cfg: Config, step: int) -> tuple[float, float]:
     start, end = cfg.train.noisy_ref_ramp
     ramp = 1.0 if end <= start else min(max((step - start) / (end - start), 0.0), 1.0)
     return cfg.data.ta_prob, ramp * cfg.train.noisy_ref_max_prob
+
+
+def sir_boost_db(cfg: Config, step: int) -> float:
+    """The SIR curriculum: ``sir_boost_db`` at step 0, linearly down to 0 at
+    ``sir_boost_steps``, 0 after."""
+    t = cfg.train
+    if step >= t.sir_boost_steps:
+        return 0.0
+    return t.sir_boost_db * (1.0 - step / t.sir_boost_steps)
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -479,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
                     writer.add_scalar(f"train/{k}", v, step)
                 writer.add_scalar("train/ta_prob", ta_prob, step)
                 writer.add_scalar("train/noisy_ref_prob", nref_prob, step)
+                writer.add_scalar("train/sir_boost_db", sir_boost_db(cfg, step), step)
                 writer.add_scalar("train/corrupt_entries", corrupt, step)
                 if device.type == "cuda":
                     writer.add_scalar("train/gpu_mem_gib",

@@ -34,15 +34,18 @@ time). The dry target is the clean speech delayed like the direct path and at it
 dry, early and reverberant targets are time-aligned with the mixture.
 
 Reproducibility: a sample is a pure function of (seed, split, rank, epoch, index, ta_prob,
-noisy_ref_prob): its numpy ``Generator`` is seeded from that tuple, never from global state,
-so DataLoader workers cannot repeat each other and a resumed run rebuilds the same stream. The
+noisy_ref_prob, sir_boost_db): its numpy ``Generator`` is seeded from (seed, split, rank,
+epoch, index), never from global state, so DataLoader workers cannot repeat each other and a
+resumed run rebuilds the same stream. The
 validation split ignores rank and epoch: it is a fixed list of ``length`` samples drawn only
 from validation speakers (and validation noise / RIRs).
 
 Phase schedule: the training loop owns it. Set ``dataset.ta_prob`` / ``dataset.noisy_ref_prob``
 (backed by shared memory, so running DataLoader workers see the change), or, for samples that
 are exactly reproducible across a resume, index the dataset with ``(index, ta_prob,
-noisy_ref_prob)`` tuples from the sampler. ``set_epoch`` works the same way.
+noisy_ref_prob[, sir_boost_db])`` tuples from the sampler; the optional last item is the SIR
+curriculum's boost, added to every SIR of a target-present sample. ``set_epoch`` works the
+same way.
 
 Robustness: an HDF5 entry that cannot be read, is incomplete or holds garbage is logged,
 counted (``dataset.n_corrupt`` in the reading process, and ``n_corrupt`` in every returned
@@ -267,9 +270,11 @@ class HiFiTSEDataset(Dataset):
 
     # ---- sampling ------------------------------------------------------------------------
 
-    def __getitem__(self, item: int | tuple[int, float, float]) -> dict[str, Any]:
-        if isinstance(item, tuple):
+    def __getitem__(self, item: int | tuple[float, ...]) -> dict[str, Any]:
+        sir_boost = 0.0
+        if isinstance(item, tuple):  # (index, ta_prob, noisy_ref_prob[, sir_boost_db])
             index, ta_prob, noisy_ref_prob = int(item[0]), float(item[1]), float(item[2])
+            sir_boost = float(item[3]) if len(item) > 3 else 0.0
         else:
             index, ta_prob, noisy_ref_prob = int(item), self.ta_prob, self.noisy_ref_prob
         if self.split == "val":
@@ -280,7 +285,7 @@ class HiFiTSEDataset(Dataset):
         for attempt in range(MAX_DRAWS):
             rng = np.random.default_rng([*words, attempt])
             try:
-                sample = self._build(rng, ta_prob, noisy_ref_prob)
+                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost)
             except CorruptEntryError as err:
                 n_corrupt += 1
                 self.n_corrupt += 1
@@ -296,9 +301,11 @@ class HiFiTSEDataset(Dataset):
         )
 
     def _build(
-        self, rng: np.random.Generator, ta_prob: float, noisy_ref_prob: float
+        self, rng: np.random.Generator, ta_prob: float, noisy_ref_prob: float, sir_boost: float
     ) -> dict[str, Any]:
-        """Draw everything first (a fixed order of draws), then read and mix."""
+        """Draw everything first (a fixed order of draws), then read and mix. ``sir_boost``
+        (dB) is added to the drawn SIRs of target-present samples after the draws, so a boosted
+        sample is the unboosted one with quieter interferers."""
         n = self.segment_samples
         is_ta = bool(rng.random() < ta_prob)
         ref_noisy = bool(rng.random() < noisy_ref_prob)
@@ -314,7 +321,7 @@ class HiFiTSEDataset(Dataset):
         rirs = [int(i) for i in rng.integers(0, len(self.rirs), size=1 + n_int)]
         noise_idx, ref_noise_idx = (int(i) for i in rng.integers(0, len(self.noise), size=2))
         level = _uniform(rng, self.level_db)
-        sirs = [_uniform(rng, self.sir_db) for _ in interferers]
+        sirs = [_uniform(rng, self.sir_db) + (0.0 if is_ta else sir_boost) for _ in interferers]
         snr = _uniform(rng, self.snr_db)
         ref_level = _uniform(rng, self.ref_level_db)
         ref_snr = _uniform(rng, self.ref_snr_db)

@@ -70,6 +70,36 @@ def test_snr_matches_the_draw(samples: list[dict]) -> None:
         assert -5.0 <= s["snr_db"] <= 15.0
 
 
+def sirs_db(sample: dict) -> list[float]:
+    """Target / each interferer, in dB, from the returned components."""
+    return [10 * np.log10(energy(sample["comp_target"]) / energy(i))
+            for i in sample["comp_interferers"]]
+
+
+@pytest.mark.slow
+def test_sirs_in_range(samples: list[dict], packed: DataConfig) -> None:
+    low, high = packed.sir_db
+    measured = [x for s in samples if not s["is_ta"] for x in sirs_db(s)]
+    assert len(measured) > 20
+    assert min(measured) >= low - 0.01
+    assert max(measured) <= high + 0.01
+
+
+def test_sir_boost_quiets_only_the_interferers(packed: DataConfig) -> None:
+    ds = make(packed, return_components=True)
+    for index in (3, 7):
+        plain, boosted = ds[(index, 0.0, 0.0, 0.0)], ds[(index, 0.0, 0.0, 6.0)]
+        # Same draws (speakers, utterances, SNR), only the interferers 6 dB lower.
+        for key in ("target_utt", "interferer_utts", "rir_ids", "noise_id", "snr_db"):
+            assert plain[key] == boosted[key]
+        np.testing.assert_allclose(sirs_db(boosted), np.array(sirs_db(plain)) + 6.0, atol=1e-3)
+    assert torch.equal(ds[(3, 0.0, 0.0)]["mix"], ds[(3, 0.0, 0.0, 0.0)]["mix"])
+    # Target-absent samples have no target to boost: unchanged.
+    ta_plain, ta_boosted = ds[(3, 1.0, 0.0, 0.0)], ds[(3, 1.0, 0.0, 6.0)]
+    assert ta_plain["is_ta"]
+    assert torch.equal(ta_plain["mix"], ta_boosted["mix"])
+
+
 @pytest.mark.slow
 def test_lengths_and_peaks(samples: list[dict], packed: DataConfig) -> None:
     for s in samples:

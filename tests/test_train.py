@@ -137,10 +137,22 @@ def _run_train(cfg: Path, *extra: str) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["train.sir_boost_db=6.0", "train.sir_boost_steps=100"])
+    assert [train.sir_boost_db(cfg, s) for s in (0, 50, 100, 500)] == [6.0, 3.0, 0.0, 0.0]
+    stream = iter(train.StepSampler(start_step=50, batch_size=2, cfg=cfg))
+    assert [next(stream) for _ in range(3)] == [(100, 0.0, 0.0, 3.0), (101, 0.0, 0.0, 3.0),
+                                               (102, 0.0, 0.0, pytest.approx(2.94))]
+    off = load_config(REPO / "configs" / "tiny.yaml")
+    assert train.sir_boost_db(off, 0) == 0.0
+
+
 @pytest.mark.slow
 def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict) -> None:
+    # The SIR curriculum is still running at the kill: the resumed stream must continue it.
     settings = {"train": {"total_steps": 16, "ckpt_every": 4, "val_every": 8,
-                          "keep_checkpoints": 10}}
+                          "keep_checkpoints": 10, "sir_boost_db": 6.0, "sir_boost_steps": 12}}
     straight = write_config(tmp_path / "a" / "c.yaml", data_section, **settings)
     killed = write_config(tmp_path / "b" / "c.yaml", data_section, **settings)
     proc = _run_train(straight)
