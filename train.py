@@ -126,6 +126,8 @@ def check_config(cfg: Config) -> None:
         if getattr(t, name) % accum:
             raise ConfigError(f"train.{name}={getattr(t, name)} is not a multiple of "
                               f"optim.grad_accum={accum}")
+    if t.sir_boost_steps < 0:
+        raise ConfigError(f"train.sir_boost_steps must be >= 0, got {t.sir_boost_steps}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
 

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import train
-from config import load_config, model_kwargs
+from config import ConfigError, load_config, model_kwargs
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from losses.separation import si_sdr
 from models.generator import Generator
@@ -146,6 +146,9 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
                                                (102, 0.0, 0.0, pytest.approx(2.94))]
     off = load_config(REPO / "configs" / "tiny.yaml")
     assert train.sir_boost_db(off, 0) == 0.0
+    with pytest.raises(ConfigError, match="sir_boost_steps"):
+        train.check_config(load_config(REPO / "configs" / "tiny.yaml",
+                                       ["train.sir_boost_steps=-1"]))
 
 
 @pytest.mark.slow
