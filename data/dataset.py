@@ -36,9 +36,9 @@ dry, early and reverberant targets are time-aligned with the mixture.
 Reproducibility: a sample is a pure function of (seed, split, rank, epoch, index, ta_prob,
 noisy_ref_prob, sir_boost_db): its numpy ``Generator`` is seeded from (seed, split, rank,
 epoch, index), never from global state, so DataLoader workers cannot repeat each other and a
-resumed run rebuilds the same stream. The
-validation split ignores rank and epoch: it is a fixed list of ``length`` samples drawn only
-from validation speakers (and validation noise / RIRs).
+resumed run rebuilds the same stream. The validation split ignores rank and epoch: it is a
+fixed list of ``length`` samples drawn only from validation speakers (and validation noise /
+RIRs).
 
 Phase schedule: the training loop owns it. Set ``dataset.ta_prob`` / ``dataset.noisy_ref_prob``
 (backed by shared memory, so running DataLoader workers see the change), or, for samples that
