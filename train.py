@@ -82,13 +82,19 @@ class StepSampler(Sampler):
             index += 1
 
 
+def linear_ramp(step: int, start: int, end: int) -> float:
+    """0 before ``start``, 1 from ``end`` on, linear in between (1 throughout if end <= start)."""
+    if end <= start:
+        return 1.0
+    return min(max((step - start) / (end - start), 0.0), 1.0)
+
+
 def phase_probs(cfg: Config, step: int) -> tuple[float, float]:
     """Phase 1: target always present, clean references. Phase 2 (from ``phase2_step``):
     target-absent samples, and noisy references ramped 0 -> max over ``noisy_ref_ramp``."""
     if step < cfg.train.phase2_step:
         return 0.0, 0.0
-    start, end = cfg.train.noisy_ref_ramp
-    ramp = 1.0 if end <= start else min(max((step - start) / (end - start), 0.0), 1.0)
+    ramp = linear_ramp(step, *cfg.train.noisy_ref_ramp)
     return cfg.data.ta_prob, ramp * cfg.train.noisy_ref_max_prob
 
 
@@ -96,9 +102,7 @@ def sir_boost_db(cfg: Config, step: int) -> float:
     """The SIR curriculum: ``sir_boost_db`` at step 0, linearly down to 0 at
     ``sir_boost_steps``, 0 after."""
     t = cfg.train
-    if step >= t.sir_boost_steps:
-        return 0.0
-    return t.sir_boost_db * (1.0 - step / t.sir_boost_steps)
+    return t.sir_boost_db * (1.0 - linear_ramp(step, 0, t.sir_boost_steps))
 
 
 def lr_factor(cfg: Config, step: int) -> float:
