@@ -53,7 +53,6 @@ class ModelConfig:
     mask_hidden: int = 64  # hidden width of each band's mask MLP (keeps the recipe near 12 M)
     reinject_at: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     use_film: bool = True
-    grad_checkpoint: bool = True
 
 
 @dataclass
@@ -155,7 +154,10 @@ class TrainConfig:
     n_val_audio: int = 3  # validation samples written to TensorBoard as audio + spectrogram
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo trains for a fixed time)
     progress_bar: bool = False  # a tqdm bar on rank 0 (the log lines are still written)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto or cuda:LOCAL_RANK)
+    # Per-block activation checkpointing: a runtime memory setting, not part of the model, so a
+    # resumed run may turn it on or off (it was model.grad_checkpoint before; still accepted).
+    grad_checkpoint: bool = True
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on CPU)
     seed: int = 1234
 
@@ -166,8 +168,10 @@ class GanConfig:
     start_step: int = 1_200_000
     d_warmup_steps: int = 20_000  # discriminator-only updates before the generator sees it
     ramp_steps: int = 20_000  # adversarial weight ramps 0 -> full over this many steps
+    # HiFi-GAN's generator objective: adversarial + feature matching (its sum over every layer,
+    # doubled, see losses/adversarial.py), both with weight 1.
     adv_weight: float = 1.0
-    fm_weight: float = 2.0
+    fm_weight: float = 1.0
     lr: float = 2e-4
     periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
     n_scales: int = 3
@@ -248,7 +252,36 @@ def _section_types(section_cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
 
 
+# Keys that moved to another section: files and checkpoints that use the old place still load.
+MOVED_KEYS = {("model", "grad_checkpoint"): ("train", "grad_checkpoint")}
+
+# Two-value settings: (low, high) ranges, checked for length and order when a config loads, so
+# a typo fails at start-up rather than when the sampler first draws from it days later.
+RANGE_KEYS = (
+    "data.level_db", "data.sir_db", "data.snr_db", "data.ref_level_db", "data.ref_snr_db",
+    "data.speed_perturb", "train.noisy_ref_ramp",
+)
+
+
+def check_ranges(cfg: Config) -> None:
+    """Raise naming the key unless every range is ``[low, high]`` with ``low <= high`` and
+    ``optim.betas`` is two numbers in [0, 1)."""
+    for name in RANGE_KEYS:
+        section, key = name.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if len(value) != 2:
+            raise ConfigError(f"config key '{name}': expected [low, high], got {value!r}")
+        if value[0] > value[1]:
+            raise ConfigError(f"config key '{name}': low {value[0]} is above high {value[1]}")
+    betas = cfg.optim.betas
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        raise ConfigError(
+            f"config key 'optim.betas': expected two numbers in [0, 1), got {betas!r}"
+        )
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
+    section, key = MOVED_KEYS.get((section, key), (section, key))
     sections = _section_types(Config)
     if section not in sections:
         raise ConfigError(f"unknown config section '{section}' (known: {', '.join(sections)})")
@@ -269,6 +302,7 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
             raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
         for key, value in values.items():
             _apply(cfg, section, key, value)
+    check_ranges(cfg)
     return cfg
 
 
@@ -280,6 +314,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
             raise ConfigError(f"override '{item}' is not of the form section.key=value")
         section, key = name.split(".")
         _apply(cfg, section, key, yaml.safe_load(text))
+    check_ranges(cfg)
     return cfg
 
 

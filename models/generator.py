@@ -7,6 +7,8 @@ ref -> STFT -> BandSplitEncoder (shared weights) -------^
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,54 @@ def rms_scale(wave: torch.Tensor) -> torch.Tensor:
     return wave.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS
 
 
+# Constructor arguments that checkpoints written by earlier versions carry and the generator no
+# longer takes (grad_checkpoint is now train.grad_checkpoint).
+LEGACY_MODEL_ARGS = ("grad_checkpoint",)
+
+
+def current_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` of a checkpoint of any version, without the keys that were retired."""
+    return {k: v for k, v in model_args.items() if k not in LEGACY_MODEL_ARGS}
+
+
 class CheckpointError(ValueError):
     """A file that is not a usable HiFi-TSE checkpoint; the message names the file."""
+
+
+def _one_line(text: str) -> str:
+    """A checkpoint loader's message on one line, without torch's advice to unpickle anyway."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colour codes
+    unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if unpickler:
+        path = text.split(": ", 1)[0]
+        reason = unpickler.group(1).split(". Please")[0].rstrip(".")
+        if "Unsupported global" in reason:
+            return (
+                f"{path}: not a HiFi-TSE checkpoint (it holds pickled objects other than "
+                f"tensors, which are never unpickled: {reason})"
+            )
+        return f"{path}: not a HiFi-TSE checkpoint (not a torch.save file: {reason})"
+    return " ".join(text.split())
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A HiFi-TSE checkpoint's dict, read once with ``weights_only=True``, with one-line errors
+    naming ``path``.
+
+    A file in torch's zip format is memory-mapped: a training checkpoint's optimizer and
+    discriminator states are never copied into memory, only what ``build_generator`` takes.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # torch raises many types for a non-checkpoint file
+        raise CheckpointError(_one_line(f"{path}: not a loadable checkpoint ({err})")) from None
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "generator" not in ckpt:
+        raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
+    return ckpt
 
 
 class Generator(nn.Module):
@@ -62,7 +110,6 @@ class Generator(nn.Module):
         mask_hidden: int = 64,
         reinject_at: list[int] | None = None,
         use_film: bool = True,
-        grad_checkpoint: bool = True,
     ) -> None:
         super().__init__()
         band_regions = band_regions or [[0, 1000, 10], [1000, 8000, 28], [8000, 24000, 15]]
@@ -70,7 +117,10 @@ class Generator(nn.Module):
         if any(not 0 <= i < n_blocks for i in reinject_at):
             raise ValueError(f"reinject_at {reinject_at} names a block outside 0..{n_blocks - 1}")
         self.sample_rate = sample_rate
-        self.grad_checkpoint = grad_checkpoint
+        # Per-block activation checkpointing while training: a runtime memory setting that the
+        # trainer sets (train.grad_checkpoint), not a constructor argument, so a checkpoint's
+        # model_args do not depend on it.
+        self.grad_checkpoint = False
         self.stft = STFT(n_fft=n_fft, win_length=win_length, hop_length=hop_length)
         bands = band_layout(
             sample_rate=sample_rate,
@@ -144,27 +194,30 @@ class Generator(nn.Module):
         return self.stft.inverse(est_spec, n_samples) * scale
 
     @classmethod
-    def from_checkpoint(
-        cls, path: str | Path, *, use_ema: bool = True, map_location: str | torch.device = "cpu"
-    ) -> Generator:
-        """Rebuild the generator from a checkpoint that carries its ``model_args``.
-
-        Loads with ``weights_only=True``: a checkpoint never unpickles arbitrary objects.
-        """
+    def from_checkpoint(cls, path: str | Path, *, use_ema: bool = True) -> Generator:
+        """Rebuild the generator from a checkpoint file that carries its ``model_args``."""
         path = Path(path)
+        return cls.from_payload(read_checkpoint(path), use_ema=use_ema, name=str(path))
+
+    @classmethod
+    def from_payload(
+        cls, ckpt: dict[str, Any], *, use_ema: bool = True, name: str = "checkpoint"
+    ) -> Generator:
+        """The generator a checkpoint dict (``read_checkpoint``) describes, with its EMA weights
+        when ``use_ema`` and it has them, else the raw ones; errors name ``name``. A caller that
+        needs more of the checkpoint (evaluate.py: its config and step) reads the file once."""
         try:
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as err:  # torch raises many types for a non-checkpoint file
-            raise CheckpointError(f"{path}: not a loadable checkpoint ({err})") from None
-        if not isinstance(ckpt, dict) or "model_args" not in ckpt or "generator" not in ckpt:
-            raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
-        model = cls(**ckpt["model_args"])
-        state = ckpt.get("ema") if use_ema and ckpt.get("ema") is not None else ckpt["generator"]
+            model = cls(**current_model_args(ckpt["model_args"]))
+        except (TypeError, ValueError, KeyError, AttributeError) as err:
+            raise CheckpointError(
+                f"{name}: not a HiFi-TSE checkpoint (model_args: {_one_line(str(err))[:200]})"
+            ) from None
+        state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["generator"]
         try:
             model.load_state_dict(state)
-        except RuntimeError as err:  # e.g. written by an older version of this generator
+        except (TypeError, RuntimeError) as err:  # e.g. written by an older generator version
             first = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"{path}: weights do not fit this generator ({first})") from None
+            raise CheckpointError(f"{name}: weights do not fit this generator ({first})") from None
         return model
 
     def checkpoint_payload(self, model_args: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from config import Config, ConfigError, dump_config, from_dict, load_config, model_kwargs
@@ -20,7 +21,51 @@ def test_recipe_values() -> None:
     assert (m.feature_dim, m.lstm_hidden, m.n_blocks, m.n_heads) == (128, 256, 6, 4)
     assert m.reinject_at == [0, 1, 2, 3, 4, 5]
     assert m.use_film
-    assert m.grad_checkpoint
+    assert cfg.train.grad_checkpoint
+
+
+def test_grad_checkpoint_moved_to_train_and_old_places_still_load(tmp_path: Path) -> None:
+    assert "grad_checkpoint" not in model_kwargs(load_config(CONFIGS / "hifi_tse.yaml"))
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  grad_checkpoint: false\n")
+    assert load_config(old).train.grad_checkpoint is False
+    assert load_config(None, ["model.grad_checkpoint=false"]).train.grad_checkpoint is False
+    # A checkpoint written before the move: its model_args and stored config still load.
+    stored = load_config(CONFIGS / "tiny.yaml")
+    legacy_args = {**model_kwargs(stored), "grad_checkpoint": True}
+    ckpt = tmp_path / "old.pt"
+    torch.save(Generator(**model_kwargs(stored)).checkpoint_payload(legacy_args), ckpt)
+    model = Generator.from_checkpoint(ckpt)
+    assert model.grad_checkpoint is False
+    raw = yaml.safe_load(dump_config(stored))
+    raw["model"]["grad_checkpoint"] = True
+    del raw["train"]["grad_checkpoint"]
+    assert from_dict(raw).train.grad_checkpoint is True
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("data.sir_db=[5, -5]", "data.sir_db"),
+        ("data.snr_db=[0]", "data.snr_db"),
+        ("data.level_db=[-35, -15, 0]", "data.level_db"),
+        ("data.ref_level_db=[-10, -20]", "data.ref_level_db"),
+        ("data.ref_snr_db=[20, 0]", "data.ref_snr_db"),
+        ("data.speed_perturb=[1.1, 0.9]", "data.speed_perturb"),
+        ("train.noisy_ref_ramp=[150000, 100000]", "train.noisy_ref_ramp"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("optim.betas=[0.9, 1.5]", "optim.betas"),
+    ],
+)
+def test_ranges_are_checked_at_load(override: str, key: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(CONFIGS / "tiny.yaml", [override])
+    bad = tmp_path / "bad.yaml"
+    section, rest = override.split(".", 1)
+    name, value = rest.split("=")
+    bad.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(bad)
 
 
 def test_misspelt_key_is_rejected_and_named(tmp_path: Path) -> None:
