@@ -435,17 +435,151 @@ def test_feature_matching_loss() -> None:
     zero = feature_matching_loss(real, same)
     assert zero.item() == 0.0
 
-    # Constant offsets per layer: mean over layers, summed over sub-discriminators.
+    # Constant offsets per layer: 2 * the sum over every layer of every sub-discriminator.
     offsets = [[1.0, 3.0], [0.5, 0.5, 2.0]]
     fake = [
         [(r.detach() + o).requires_grad_(True) for r, o in zip(sub, offs, strict=True)]
         for sub, offs in zip(real, offsets, strict=True)
     ]
     loss = feature_matching_loss(real, fake)
-    torch.testing.assert_close(loss, torch.tensor((1.0 + 3.0) / 2 + (0.5 + 0.5 + 2.0) / 3))
+    torch.testing.assert_close(loss, torch.tensor(2 * (1.0 + 3.0 + 0.5 + 0.5 + 2.0)))
     loss.backward()
     assert all(r.grad is None for sub in real for r in sub)
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for sub in fake for f in sub)
+
+    with pytest.raises(ValueError, match="differ in shape"):
+        feature_matching_loss(real, [[f[..., :1] for f in sub] for sub in fake])
+    with pytest.raises(ValueError, match="equal"):
+        feature_matching_loss(real, [fake[0], fake[1][:2]])
+
+
+# Independent transcriptions of HiFi-GAN's losses (jik876/hifi-gan, models.py), in float64.
+
+
+def _hifigan_feature_loss(fmap_r: list, fmap_g: list) -> torch.Tensor:
+    loss = torch.zeros((), dtype=torch.float64)
+    for dr, dg in zip(fmap_r, fmap_g, strict=True):
+        for rl, gl in zip(dr, dg, strict=True):
+            loss = loss + torch.mean(torch.abs(rl.double() - gl.double()))
+    return loss * 2
+
+
+def _hifigan_discriminator_loss(disc_real_outputs: list, disc_generated_outputs: list):
+    loss = torch.zeros((), dtype=torch.float64)
+    for dr, dg in zip(disc_real_outputs, disc_generated_outputs, strict=True):
+        loss = loss + torch.mean((1 - dr.double()) ** 2) + torch.mean(dg.double() ** 2)
+    return loss
+
+
+def _hifigan_generator_loss(disc_outputs: list) -> torch.Tensor:
+    loss = torch.zeros((), dtype=torch.float64)
+    for dg in disc_outputs:
+        loss = loss + torch.mean((1 - dg.double()) ** 2)
+    return loss
+
+
+@pytest.fixture(scope="module")
+def disc_outputs() -> tuple[tuple[list, list], tuple[list, list]]:
+    """The recipe discriminator's (logits, features) on a random "real" and "fake" input."""
+    from models.discriminator import HiFiGANDiscriminator
+
+    torch.manual_seed(0)
+    disc = HiFiGANDiscriminator()
+    gen = _generator(11)
+    with torch.no_grad():
+        real = disc(torch.randn(2, 3000, generator=gen))
+        fake = disc(0.5 * torch.randn(2, 3000, generator=gen))
+    return real, fake
+
+
+def test_adversarial_losses_equal_hifigan(disc_outputs) -> None:
+    (real_logits, real_feats), (fake_logits, fake_feats) = disc_outputs
+    n_maps = sum(len(maps) for maps in real_feats)
+    assert n_maps == 54  # 5 periods x 6 maps + 3 scales x 8 maps
+
+    fm = feature_matching_loss(real_feats, fake_feats)
+    assert fm.dtype == torch.float32
+    torch.testing.assert_close(
+        fm.double(), _hifigan_feature_loss(real_feats, fake_feats), rtol=1e-5, atol=0
+    )
+    torch.testing.assert_close(
+        discriminator_loss(real_logits, fake_logits).double(),
+        _hifigan_discriminator_loss(real_logits, fake_logits), rtol=1e-5, atol=0,
+    )
+    torch.testing.assert_close(
+        generator_adversarial_loss(fake_logits).double(),
+        _hifigan_generator_loss(fake_logits), rtol=1e-5, atol=0,
+    )
+
+    # bf16 maps under autocast: computed in float32, same value up to the bf16 rounding.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = feature_matching_loss(
+            [[f.bfloat16() for f in maps] for maps in real_feats],
+            [[f.bfloat16() for f in maps] for maps in fake_feats],
+        )
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, fm, rtol=1e-2, atol=0)
+
+    # Gradient reaches the fake maps only.
+    real_leaf = [[f.clone().requires_grad_(True) for f in maps] for maps in real_feats]
+    fake_leaf = [[f.clone().requires_grad_(True) for f in maps] for maps in fake_feats]
+    feature_matching_loss(real_leaf, fake_leaf).backward()
+    assert all(f.grad is None for maps in real_leaf for f in maps)
+    assert all(f.grad is not None and f.grad.abs().sum() > 0 for maps in fake_leaf for f in maps)
+
+
+def test_adversarial_weights_select_items(disc_outputs) -> None:
+    """A 0/1 mask gives HiFi-GAN's losses on the selected sub-batch; an unselected item's
+    values (here NaN) never reach the result; an empty mask gives 0 that still backpropagates."""
+    (real_logits, real_feats), (fake_logits, fake_feats) = disc_outputs
+    weights = torch.tensor([1.0, 0.0])
+    first_fake_logits = [x[:1] for x in fake_logits]
+    first_real_logits = [x[:1] for x in real_logits]
+    first_feats = [[f[:1] for f in maps] for maps in real_feats]
+    first_fake_feats = [[f[:1] for f in maps] for maps in fake_feats]
+
+    def poisoned(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:1], torch.full_like(x[1:], float("nan"))])
+
+    bad_logits = [poisoned(x) for x in fake_logits]
+    bad_feats = [[poisoned(f) for f in maps] for maps in fake_feats]
+    torch.testing.assert_close(
+        feature_matching_loss(real_feats, bad_feats, weights=weights).double(),
+        _hifigan_feature_loss(first_feats, first_fake_feats), rtol=1e-5, atol=0,
+    )
+    torch.testing.assert_close(
+        generator_adversarial_loss(bad_logits, weights=weights).double(),
+        _hifigan_generator_loss(first_fake_logits), rtol=1e-5, atol=0,
+    )
+    torch.testing.assert_close(
+        discriminator_loss(real_logits, bad_logits, weights=weights).double(),
+        _hifigan_discriminator_loss(first_real_logits, first_fake_logits), rtol=1e-5, atol=0,
+    )
+    # All ones: the unweighted value.
+    ones = torch.ones(2)
+    torch.testing.assert_close(
+        feature_matching_loss(real_feats, fake_feats, weights=ones),
+        feature_matching_loss(real_feats, fake_feats),
+    )
+
+    fake_leaf = [[f.clone().requires_grad_(True) for f in maps] for maps in fake_feats]
+    none = feature_matching_loss(real_feats, fake_leaf, weights=torch.zeros(2))
+    assert none.item() == 0.0
+    none.backward()
+    assert all(f.grad is not None and (f.grad == 0).all() for maps in fake_leaf for f in maps)
+
+
+def test_default_gan_weights_are_hifigan_generator_objective(disc_outputs) -> None:
+    """With the default weights, adv + fm is HiFi-GAN's generator_loss + feature_loss."""
+    from config import GanConfig
+
+    (_, real_feats), (fake_logits, fake_feats) = disc_outputs
+    gan = GanConfig()
+    ours = gan.adv_weight * generator_adversarial_loss(fake_logits) + gan.fm_weight * (
+        feature_matching_loss(real_feats, fake_feats)
+    )
+    hifigan = _hifigan_generator_loss(fake_logits) + _hifigan_feature_loss(real_feats, fake_feats)
+    torch.testing.assert_close(ours.double(), hifigan, rtol=1e-5, atol=0)
 
 
 def test_snr_loss_sees_the_level_that_si_sdr_ignores() -> None:
