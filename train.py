@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -22,12 +23,14 @@ import random
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.tensorboard import SummaryWriter
@@ -48,15 +51,20 @@ from losses.separation import (
     snr_loss,
     ta_energy_loss,
     ta_suppression_db,
+    weighted_mean,
 )
 from losses.stft_loss import MultiResolutionSTFTLoss, amplitude_loss, waveform_l1_loss
 from models.discriminator import HiFiGANDiscriminator
-from models.generator import Generator
+from models.generator import Generator, current_model_args
+from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
 log = logging.getLogger("train")
 CKPT_PREFIX = "step_"
 LOG_ONLY_TERMS = ("loss", "rms_ratio", "disc", "adv", "feat_match")  # logged, not weighted
 TA_TERMS = ("ta_energy",)  # averaged over target-absent items; every other term over TP items
+GAN_BETAS = (0.8, 0.99)  # HiFi-GAN's AdamW betas for the discriminators
+DDP_ARGS = inspect.signature(DDP.__init__).parameters
+RMS_FLOOR = 1e-8  # target norm floor of the logged rms_ratio (TA targets are all zeros)
 
 
 class StepSampler(Sampler):
@@ -165,6 +173,296 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+# ---------------------------------------------------------------------------------------------
+# The training step: one micro-step (forward, losses, backward) and one optimizer update. The
+# loop in main() and tests/ddp_check.py run these same functions.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Nets:
+    """What a training step updates. ``gen_ddp`` / ``disc_ddp`` are the DDP wrappers under
+    torchrun and the plain modules otherwise; the plain modules are what is saved."""
+
+    generator: Generator
+    ema: Generator | None
+    opt_g: torch.optim.Optimizer
+    disc: HiFiGANDiscriminator | None
+    opt_d: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler
+    mr_stft: MultiResolutionSTFTLoss
+    gen_ddp: nn.Module
+    disc_ddp: nn.Module | None
+
+
+def build_nets(cfg: Config, device: torch.device) -> Nets:
+    """Generator (+ EMA), discriminator when the GAN phase is configured, optimisers, scaler.
+    Call ``torch.manual_seed`` first: every rank must build the same initial weights."""
+    generator = Generator(**model_kwargs(cfg)).to(device)
+    generator.grad_checkpoint = cfg.train.grad_checkpoint
+    opt_g = torch.optim.AdamW(
+        generator.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        weight_decay=cfg.optim.weight_decay,
+    )
+    disc = opt_d = None
+    if cfg.gan.enabled:
+        disc = HiFiGANDiscriminator(periods=tuple(cfg.gan.periods), n_scales=cfg.gan.n_scales)
+        disc = disc.to(device)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=GAN_BETAS)
+    ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.optim.ema_decay else None
+    # GradScaler only for fp16: bf16 has float32's range and needs no loss scaling.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
+    return Nets(generator=generator, ema=ema, opt_g=opt_g, disc=disc, opt_d=opt_d,
+                scaler=scaler, mr_stft=MultiResolutionSTFTLoss().to(device),
+                gen_ddp=generator, disc_ddp=disc)
+
+
+def wrap_ddp(nets: Nets, device: torch.device) -> None:
+    """DDP wrappers for the trained networks. No buffer broadcast: the generator's buffers
+    are constants (STFT window, band grid), and the discriminators' spectral-norm vectors are
+    updated from the weights alone, which every rank holds identically."""
+    ids = [device.index] if device.type == "cuda" else None
+    # torch >= 2.13 renames the switch (the old name warns); older CUDA builds know only it.
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in DDP_ARGS else "broadcast_buffers"
+    nets.gen_ddp = DDP(nets.generator, device_ids=ids, **{no_sync: False})
+    if nets.disc is not None:
+        nets.disc_ddp = DDP(nets.disc, device_ids=ids, **{no_sync: False})
+
+
+def loss_weights(cfg: Config) -> dict[str, float]:
+    return to_dict(cfg)["loss"]  # named weights: {term: weight}
+
+
+def loss_terms(
+    est: torch.Tensor, batch: dict[str, torch.Tensor], nets: Nets, weights: dict[str, float]
+) -> dict[str, torch.Tensor]:
+    """Every weighted term; TP terms average over target-present items, the TA term over
+    target-absent ones (masked means: no branch or host sync on what the batch holds)."""
+    target, mix = batch["target"], batch["mix"]
+    tp = (~batch["is_ta"]).float()
+    terms = {"si_sdr": si_sdr_loss(est, target, weights=tp),
+             "snr": snr_loss(est, target, weights=tp),
+             "level": level_loss(est, target, weights=tp),
+             "ta_energy": ta_energy_loss(est, mix, weights=1 - tp)}
+    if weights["phase_sensitive"] or weights["amplitude"]:
+        stft = nets.generator.stft
+        est_spec, target_spec = stft(est), stft(target)
+        terms["phase_sensitive"] = phase_sensitive_loss(est_spec, target_spec, weights=tp)
+        terms["amplitude"] = amplitude_loss(est_spec, target_spec, weights=tp)
+    if weights["multi_res_stft"]:
+        terms["multi_res_stft"] = nets.mr_stft(est, target, weights=tp)
+    if weights["l1"]:
+        terms["l1"] = waveform_l1_loss(est, target, weights=tp)
+    return terms
+
+
+def weighted_sum(
+    terms: dict[str, torch.Tensor], is_ta: torch.Tensor, weights: dict[str, float]
+) -> torch.Tensor:
+    """Each term is a mean over the items it covers; weighting it by their share of the
+    batch makes the total a per-item mean (20 % TA items weigh 20 %, not 50 %)."""
+    ta_share = is_ta.float().mean()
+    share = {k: ta_share if k in TA_TERMS else 1 - ta_share for k in terms}
+    return sum(w * share[k] * terms[k] for k, w in weights.items() if w and k in terms)
+
+
+class StepLog:
+    """Unbiased running means of the logged terms, kept on the device: each term adds its
+    mean times the number of items it covers, and that number (a batch without TA items adds
+    nothing to ``ta_energy``). ``.item()`` happens only in :meth:`reduce`, at log steps."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.micro_steps = 0
+
+    def add(self, name: str, mean: torch.Tensor, count: torch.Tensor) -> None:
+        count = count.detach().to(torch.float64)
+        value = mean.detach().to(torch.float64) * count
+        self.sums[name] = self.sums.get(name, 0.0) + value
+        self.counts[name] = self.counts.get(name, 0.0) + count
+
+    def reduce(self, keys: list[str], device: torch.device, ddp: bool) -> dict[str, float]:
+        """Means over every rank; ``keys`` is fixed so that every rank all-reduces the same
+        vector, whatever its batches held."""
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        packed = torch.stack([torch.stack([torch.as_tensor(self.sums.get(k, zero)),
+                                           torch.as_tensor(self.counts.get(k, zero))])
+                              for k in keys]).to(device)  # (K, 2)
+        if ddp:
+            dist.all_reduce(packed)
+        return {k: s / n for k, (s, n) in zip(keys, packed.tolist(), strict=True) if n}
+
+
+def ddp_sync(nets: Nets, sync: bool) -> contextlib.AbstractContextManager[object]:
+    """``no_sync`` on every DDP module unless ``sync``. It must enclose the forward as well as
+    the backward: DDP decides whether a backward all-reduces when the forward runs."""
+    stack = contextlib.ExitStack()
+    if not sync:
+        for module in (nets.gen_ddp, nets.disc_ddp):
+            if isinstance(module, DDP):
+                stack.enter_context(module.no_sync())
+    return stack
+
+
+def micro_step(
+    nets: Nets,
+    cfg: Config,
+    batch: dict[str, torch.Tensor],
+    *,
+    step: int,
+    autocast: contextlib.AbstractContextManager[object],
+    step_log: StepLog,
+) -> None:
+    """Forward, losses and backward of micro-step ``step``; gradients accumulate, and under
+    DDP they are all-reduced only on the last micro-step of an update.
+
+    Every rank runs the same forwards, backwards and collectives whatever its batch holds:
+    target-absent items are left out of the TP and GAN terms by weights, never by a branch.
+    """
+    accum = cfg.optim.grad_accum
+    weights = loss_weights(cfg)
+    gan_w = gan_weight(cfg, step)  # a function of the step: the same on every rank
+    tp = (~batch["is_ta"]).float()  # (B,) 1 = target present
+    n_tp, n_ta = tp.sum(), (1 - tp).sum()
+    with ddp_sync(nets, sync=(step + 1) % accum == 0):
+        with autocast:
+            est = nets.gen_ddp(batch["mix"], batch["ref"])
+        est = est.float()
+        terms = loss_terms(est, batch, nets, weights)
+        loss = weighted_sum(terms, batch["is_ta"], weights)
+        if gan_w is not None:
+            # ---- GAN phase: the discriminator on real targets vs detached estimates
+            real = batch["target"]
+            n_real = real.shape[0]
+            with autocast:
+                # One forward over real and fake: DDP expects one forward per backward.
+                logits, feats = nets.disc_ddp(torch.cat([real, est.detach()]))
+            d_loss = discriminator_loss([x[:n_real] for x in logits],
+                                        [x[n_real:] for x in logits], weights=tp)
+            # Scaled by the TP share like the other TP terms: an all-TA batch adds an exact
+            # zero gradient, and the DDP average is the mean over every rank's TP items.
+            nets.scaler.scale(tp.mean() * d_loss / accum).backward()
+            terms["disc"] = d_loss
+            if gan_w > 0:
+                # Through the plain module with frozen weights: the generator's adversarial
+                # gradient must not reach the discriminator's parameters.
+                nets.disc.requires_grad_(False)
+                with autocast:
+                    fake_logits, fake_feats = nets.disc(est)
+                nets.disc.requires_grad_(True)
+                real_feats = [[f[:n_real] for f in maps] for maps in feats]
+                terms["adv"] = generator_adversarial_loss(fake_logits, weights=tp)
+                terms["feat_match"] = feature_matching_loss(real_feats, fake_feats, weights=tp)
+                g = cfg.gan
+                loss = loss + gan_w * tp.mean() * (g.adv_weight * terms["adv"]
+                                                   + g.fm_weight * terms["feat_match"])
+        nets.scaler.scale(loss / accum).backward()
+
+    # estimate / target RMS per TP item: < 1 means the model is muting the target
+    ratio = est.norm(dim=-1) / batch["target"].norm(dim=-1).clamp(min=RMS_FLOOR)
+    terms["rms_ratio"] = weighted_mean(ratio, tp)
+    step_log.add("loss", loss, torch.ones_like(n_tp) * tp.numel())
+    for k, v in terms.items():
+        step_log.add(k, v, n_ta if k in TA_TERMS else n_tp)
+    step_log.micro_steps += 1
+
+
+def unscale_and_clip(
+    opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, max_norm: float
+) -> torch.Tensor | None:
+    """Unscale (fp16) and clip the gradients of ``opt``; ``None`` when no parameter has one.
+    An optimizer without gradients must not reach ``GradScaler.step``, which asserts
+    "No inf checks were recorded for this optimizer"."""
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if not params:
+        return None
+    scaler.unscale_(opt)
+    return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def update(nets: Nets, cfg: Config, step: int) -> tuple[float, torch.Tensor, bool]:
+    """The optimizer update that ends micro-step ``step``: learning rate, clipping, a skip on
+    non-finite gradients, AdamW, EMA; the discriminator too during the GAN phase.
+
+    Returns ``(lr, generator grad norm, whether the generator update was applied)``.
+    """
+    lr = cfg.optim.lr * lr_factor(cfg, step)
+    for group in nets.opt_g.param_groups:
+        group["lr"] = lr
+    g_norm = unscale_and_clip(nets.opt_g, nets.scaler, cfg.optim.grad_clip)
+    if g_norm is None:
+        raise RuntimeError(f"step {step}: the generator received no gradient")
+    d_norm = None
+    if nets.opt_d is not None:
+        d_norm = unscale_and_clip(nets.opt_d, nets.scaler, cfg.optim.grad_clip)
+    norms = torch.stack([g_norm] if d_norm is None else [g_norm, d_norm])
+    # The one host sync of an update, unavoidable: whether to apply it is a host decision
+    # (skip non-finite gradients, count them, stop after max_nonfinite). The norms are
+    # all-reduced gradients', so every rank decides the same.
+    finite = torch.isfinite(norms).tolist()
+    if finite[0]:
+        nets.scaler.step(nets.opt_g)
+        if nets.ema is not None:
+            with torch.no_grad():
+                ema_p, gen_p = list(nets.ema.parameters()), list(nets.generator.parameters())
+                torch._foreach_lerp_(ema_p, gen_p, 1 - cfg.optim.ema_decay)
+    if d_norm is not None and finite[1]:
+        nets.scaler.step(nets.opt_d)
+    nets.scaler.update()
+    nets.opt_g.zero_grad(set_to_none=True)
+    if nets.opt_d is not None:
+        nets.opt_d.zero_grad(set_to_none=True)
+    return lr, g_norm, finite[0]
+
+
+def weights_fingerprint(nets: Nets) -> torch.Tensor:
+    """Sum and sum of squares of every tensor of the generator and discriminator states
+    (float64): ranks whose weights differ in any element almost surely differ here."""
+    modules = [nets.generator] + ([nets.disc] if nets.disc is not None else [])
+    values = [t.detach().double() for m in modules for t in m.state_dict().values()
+              if t.is_floating_point()]
+    return torch.stack([torch.stack([v.sum(), v.square().sum()]) for v in values]).flatten()
+
+
+def ranks_in_sync(nets: Nets) -> bool:
+    """Whether every rank holds the same generator and discriminator weights (one all-reduce
+    of a fingerprint; call it on every rank)."""
+    fp = weights_fingerprint(nets)
+    low, high = fp.clone(), fp.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    return bool(torch.equal(low, high))
+
+
+def resolve_device(cfg: Config, ddp: bool, local_rank: int) -> torch.device:
+    """``train.device``; under torchrun each rank must get its own GPU."""
+    name = cfg.train.device
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if ddp and device.type == "cuda" and device.index is None:
+        raise ConfigError(f"train.device={name} under torchrun would put every rank on GPU 0; "
+                          "use train.device=auto (rank r takes cuda:LOCAL_RANK)")
+    if ddp and device.type == "cuda" and device.index != local_rank \
+            and int(os.environ.get("LOCAL_WORLD_SIZE", 1)) > 1:
+        raise ConfigError(f"train.device={name} under torchrun: every local rank would use "
+                          "that one GPU; use train.device=auto")
+    return device
+
+
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device``, or a ConfigError naming what
+    to use instead."""
+    precision = cfg.train.precision
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"train.precision=bf16: {device} does not support bfloat16; use "
+                          "train.precision=fp16 (with loss scaling) or fp32")
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train HiFi-TSE.")
     parser.add_argument("--config", required=True, help="YAML file (only what differs)")
@@ -174,21 +472,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     # ---------------------------------------------------------------------------------------
-    # Config, distributed set-up, device, logging
+    # Config, distributed set-up, device, precision, logging
     # ---------------------------------------------------------------------------------------
-    try:
-        cfg = load_config(args.config, args.set)
-        check_config(cfg)
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
     ddp = "RANK" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if cfg.train.device == "auto":
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(cfg.train.device)
+    try:
+        cfg = load_config(args.config, args.set)
+        check_config(cfg)
+        device = resolve_device(cfg, ddp, local_rank)
+        amp_dtype = autocast_dtype(cfg, device)
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:
@@ -216,32 +512,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
     random.seed(cfg.train.seed + rank)
     np.random.seed(cfg.train.seed + rank)  # noqa: NPY002
-
-    precision = cfg.train.precision
-    if precision == "fp16" and device.type != "cuda":
-        sys.exit("error: train.precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    # GradScaler only for fp16: bf16 has float32's range and needs no loss scaling.
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
     # ---------------------------------------------------------------------------------------
-    # Model, EMA, optimisers, losses
+    # Networks, optimisers, scaler; the bf16 LSTM probe
     # ---------------------------------------------------------------------------------------
     margs = model_kwargs(cfg)
-    generator = Generator(**margs).to(device)
-    ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.optim.ema_decay else None
-    opt_g = torch.optim.AdamW(
-        generator.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-    )
-    disc = opt_d = None
-    if cfg.gan.enabled:
-        disc = HiFiGANDiscriminator(periods=tuple(cfg.gan.periods), n_scales=cfg.gan.n_scales)
-        disc = disc.to(device)
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=(0.8, 0.99))
-    mr_stft = MultiResolutionSTFTLoss().to(device)
-    weights = to_dict(cfg)["loss"]  # named weights: {term: weight}
+    nets = build_nets(cfg, device)
+    if amp_dtype == torch.bfloat16 and not bf16_lstm_works(device):
+        count = use_float32_lstms(nets.generator)
+        if nets.ema is not None:
+            use_float32_lstms(nets.ema)
+        log.warning("bf16_lstm=unsupported device=%s lstms=%d run_in=float32 (the rest of the "
+                    "network stays bf16)", device, count)
+    generator, ema, disc = nets.generator, nets.ema, nets.disc
 
     # ---------------------------------------------------------------------------------------
     # Resume (exact) or initialise from weights
@@ -252,16 +536,16 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {resume}: no such checkpoint")
     if resume.is_file():
         ckpt = torch.load(resume, map_location=device, weights_only=True)
-        if ckpt["model_args"] != margs:
+        if current_model_args(ckpt["model_args"]) != margs:
             sys.exit(f"error: {resume}: its model section differs from the config's")
         generator.load_state_dict(ckpt["generator"])
         if ema is not None and ckpt.get("ema") is not None:
             ema.load_state_dict(ckpt["ema"])
-        opt_g.load_state_dict(ckpt["opt_g"])
+        nets.opt_g.load_state_dict(ckpt["opt_g"])
         if disc is not None and ckpt.get("disc") is not None:
             disc.load_state_dict(ckpt["disc"])
-            opt_d.load_state_dict(ckpt["opt_d"])
-        scaler.load_state_dict(ckpt["scaler"])
+            nets.opt_d.load_state_dict(ckpt["opt_d"])
+        nets.scaler.load_state_dict(ckpt["scaler"])
         step, best, bad_vals = ckpt["step"], ckpt["best_si_sdri"], ckpt["bad_validations"]
         nonfinite_total = ckpt["nonfinite_total"]
         set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
@@ -272,16 +556,11 @@ def main(argv: list[str] | None = None) -> None:
         if ema is not None:
             ema.load_state_dict(ckpt["generator"])
         log.info("initialised weights from=%s", args.init)
-    gen_module = generator
     if ddp:
-        generator = DDP(generator, device_ids=[device.index] if device.type == "cuda" else None)
-        disc_ddp = DDP(disc, device_ids=[device.index] if device.type == "cuda" else None) \
-            if disc is not None else None
-    else:
-        disc_ddp = disc
-    n_params = sum(p.numel() for p in gen_module.parameters())
-    log.info("generator params=%d device=%s world=%d precision=%s", n_params, device, world,
-             precision)
+        wrap_ddp(nets, device)
+    n_params = sum(p.numel() for p in generator.parameters())
+    log.info("generator params=%d device=%s world=%d precision=%s grad_checkpoint=%s",
+             n_params, device, world, cfg.train.precision, cfg.train.grad_checkpoint)
 
     # ---------------------------------------------------------------------------------------
     # Data: the stream position is the step (see StepSampler)
@@ -302,40 +581,11 @@ def main(argv: list[str] | None = None) -> None:
     val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val"))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world), **loader_args)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=step) if master else None
-
-    # ---------------------------------------------------------------------------------------
-    # Losses and validation, shared by training and validation
-    # ---------------------------------------------------------------------------------------
-    def loss_terms(est: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every weighted term; TP terms average over target-present items, the TA term over
-        target-absent ones."""
-        target, mix = batch["target"], batch["mix"]
-        tp = (~batch["is_ta"]).float()
-        stft = gen_module.stft
-        terms = {"si_sdr": si_sdr_loss(est, target, weights=tp),
-                 "snr": snr_loss(est, target, weights=tp),
-                 "level": level_loss(est, target, weights=tp),
-                 "ta_energy": ta_energy_loss(est, mix, weights=1 - tp)}
-        if weights["phase_sensitive"] or weights["amplitude"]:
-            est_spec, target_spec = stft(est), stft(target)
-            terms["phase_sensitive"] = phase_sensitive_loss(est_spec, target_spec, weights=tp)
-            terms["amplitude"] = amplitude_loss(est_spec, target_spec, weights=tp)
-        if weights["multi_res_stft"]:
-            terms["multi_res_stft"] = mr_stft(est, target, weights=tp)
-        if weights["l1"]:
-            terms["l1"] = waveform_l1_loss(est, target, weights=tp)
-        return terms
-
-    def weighted_sum(terms: dict[str, torch.Tensor], is_ta: torch.Tensor) -> torch.Tensor:
-        """Each term is a mean over the items it covers; weighting it by their share of the
-        batch makes the total a per-item mean (20 % TA items weigh 20 %, not 50 %)."""
-        ta_share = is_ta.float().mean()
-        share = {k: ta_share if k in TA_TERMS else 1 - ta_share for k in terms}
-        return sum(w * share[k] * terms[k] for k, w in weights.items() if w and k in terms)
+    weights = loss_weights(cfg)
 
     @torch.no_grad()
     def validate() -> dict[str, float]:
-        model = ema if ema is not None else gen_module
+        model = ema if ema is not None else generator
         model.eval()
         # sums: si_sdr, si_sdri, n_tp, ta_supp, n_ta, loss, n_batches
         sums = torch.zeros(7, dtype=torch.float64, device=device)
@@ -346,12 +596,17 @@ def main(argv: list[str] | None = None) -> None:
                 est = model(batch["mix"], batch["ref"])
             est = est.float()
             tp = ~batch["is_ta"]
-            sdr = si_sdr(est[tp], batch["target"][tp])
-            sdr_mix = si_sdr(batch["mix"][tp], batch["target"][tp])
-            supp = ta_suppression_db(est[~tp], batch["mix"][~tp])
-            loss = weighted_sum(loss_terms(est, batch), batch["is_ta"])
-            sums += torch.tensor([sdr.sum(), (sdr - sdr_mix).sum(), tp.sum(), supp.sum(),
-                                  (~tp).sum(), loss, 1], dtype=torch.float64, device=device)
+            # Masked sums: a TA item's SI-SDR (or a TP item's suppression) is dropped by
+            # torch.where, so its inf or NaN cannot reach the sums.
+            sdr = si_sdr(est, batch["target"])
+            sdr_mix = si_sdr(batch["mix"], batch["target"])
+            supp = ta_suppression_db(est, batch["mix"])
+            loss = weighted_sum(loss_terms(est, batch, nets, weights), batch["is_ta"], weights)
+            zero = torch.zeros_like(sdr)
+            sums += torch.stack([torch.where(tp, sdr, zero).sum(),
+                                 torch.where(tp, sdr - sdr_mix, zero).sum(), tp.sum(),
+                                 torch.where(tp, zero, supp).sum(), (~tp).sum(), loss,
+                                 torch.ones_like(loss)]).double()
             if len(examples) < cfg.train.n_val_audio:
                 examples.append((batch["mix"][0], batch["ref"][0], est[0], batch["target"][0]))
         if ddp:
@@ -365,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
                     writer.add_audio(f"val{i}/{name}", (wave / max(peak, 1.0)).cpu()[None],
                                      step, sample_rate=cfg.stft.sample_rate)
                     if name != "ref":
-                        spec = gen_module.stft(wave[None].float())[0].abs()
+                        spec = generator.stft(wave[None].float())[0].abs()
                         image = (20 * torch.log10(spec + 1e-5)).clamp(min=-100).flip(0)
                         image = (image - image.min()) / (image.max() - image.min() + 1e-9)
                         writer.add_image(f"val{i}/{name}_spec", image.cpu(), step,
@@ -379,9 +634,9 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------------------------------
     accum = cfg.optim.grad_accum
     generator.train()
-    log_sums: dict[str, torch.Tensor] = {}  # summed on the device; .item() only at log steps
-    log_counts: dict[str, int] = {}
-    log_count, nonfinite_run, corrupt = 0, 0, 0
+    step_log = StepLog()
+    log_keys = sorted({*weights, *LOG_ONLY_TERMS})
+    nonfinite_run, corrupt = 0, 0
     t_start = t_log = time.perf_counter()
     stop_reason = "total_steps reached"
     # Under a time budget total_steps is only a cap, and its ETA would mislead.
@@ -391,74 +646,20 @@ def main(argv: list[str] | None = None) -> None:
     data_iter = iter(train_loader)
     while step < cfg.train.total_steps:
         batch = next(data_iter)
-        corrupt += int(batch["n_corrupt"].sum())
+        corrupt += int(batch["n_corrupt"].sum())  # a CPU tensor: no device sync
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
-        last_micro = (step + 1) % accum == 0
-        gan_w = gan_weight(cfg, step)
-
-        # ---- generator forward and its loss terms
-        with autocast:
-            est = generator(batch["mix"], batch["ref"])
-        est = est.float()
-        tp = ~batch["is_ta"]
-        terms = loss_terms(est, batch)
-        # ---- GAN phase: discriminator on real targets vs detached estimates (TP items only)
-        if gan_w is not None and tp.any():
-            real, fake = batch["target"][tp], est[tp]
-            n_real = real.shape[0]
-            no_sync = contextlib.nullcontext() if last_micro or not ddp else disc_ddp.no_sync()
-            with no_sync, autocast:
-                # One forward over real and detached fake: DDP expects one forward per backward.
-                logits, feats = disc_ddp(torch.cat([real, fake.detach()]))
-                d_loss = discriminator_loss(
-                    [x[:n_real] for x in logits], [x[n_real:] for x in logits]
-                )
-            scaler.scale(d_loss / accum).backward()
-            terms["disc"] = d_loss.detach()
-            if gan_w > 0:
-                # Through the plain module with frozen weights: the generator's adversarial
-                # gradient must not reach the discriminator's parameters.
-                disc.requires_grad_(False)
-                with autocast:
-                    fake_logits, fake_feats = disc(fake)
-                    real_feats = [[f[:n_real].detach() for f in fs] for fs in feats]
-                    terms["adv"] = generator_adversarial_loss(fake_logits)
-                    terms["feat_match"] = feature_matching_loss(real_feats, fake_feats)
-                disc.requires_grad_(True)
-        loss = weighted_sum(terms, batch["is_ta"])
-        if gan_w:
-            loss = loss + gan_w * (cfg.gan.adv_weight * terms["adv"]
-                                   + cfg.gan.fm_weight * terms["feat_match"])
-
-        # ---- generator backward; DDP all-reduces only on the last micro-step of an update
-        with contextlib.nullcontext() if last_micro or not ddp else generator.no_sync():
-            scaler.scale(loss / accum).backward()
-        terms["loss"] = loss
-        if tp.any():  # estimate / target RMS: < 1 means the model is muting the target
-            terms["rms_ratio"] = est[tp].norm() / batch["target"][tp].norm().clamp(min=1e-8)
-        for k, v in terms.items():
-            log_sums[k] = log_sums.get(k, 0.0) + v.detach()
-            log_counts[k] = log_counts.get(k, 0) + 1
-        log_count += 1
+        gan_active = gan_weight(cfg, step) is not None
+        micro_step(nets, cfg, batch, step=step, autocast=autocast, step_log=step_log)
         step += 1
         bar.update(1)
-        if not last_micro:
+        if step % accum:
             continue
 
         # ---- optimizer update: clip, skip non-finite, step, EMA
-        lr = cfg.optim.lr * lr_factor(cfg, step)
-        for group in opt_g.param_groups:
-            group["lr"] = lr
-        scaler.unscale_(opt_g)
-        grad_norm = torch.nn.utils.clip_grad_norm_(gen_module.parameters(), cfg.optim.grad_clip)
-        if torch.isfinite(grad_norm):  # identical on every rank: gradients are all-reduced
-            scaler.step(opt_g)
+        lr, grad_norm, applied = update(nets, cfg, step)
+        if applied:
             nonfinite_run = 0
-            if ema is not None:
-                with torch.no_grad():
-                    ema_p, gen_p = list(ema.parameters()), list(gen_module.parameters())
-                    torch._foreach_lerp_(ema_p, gen_p, 1 - cfg.optim.ema_decay)
         else:
             nonfinite_run += 1
             nonfinite_total += 1
@@ -468,29 +669,15 @@ def main(argv: list[str] | None = None) -> None:
                 stop_reason = f"{nonfinite_run} non-finite updates in a row"
                 log.error("stopping step=%d reason=%s", step, stop_reason.replace(" ", "_"))
                 break
-        if opt_d is not None and gan_w is not None:
-            scaler.unscale_(opt_d)
-            d_norm = torch.nn.utils.clip_grad_norm_(disc.parameters(), cfg.optim.grad_clip)
-            if torch.isfinite(d_norm):
-                scaler.step(opt_d)
-            opt_d.zero_grad(set_to_none=True)
-        scaler.update()
-        opt_g.zero_grad(set_to_none=True)
 
         # ---- logging (the .item() calls sync the device, so only here)
         if step % cfg.train.log_every == 0:
             elapsed = time.perf_counter() - t_log
-            # A fixed key list: every rank must all-reduce the same vector, even a rank whose
-            # batches held no target-present item (no rms_ratio, no GAN terms).
-            keys = sorted({*weights, *LOG_ONLY_TERMS})
-            packed = torch.tensor([[float(log_sums.get(k, 0.0)), log_counts.get(k, 0)]
-                                   for k in keys], dtype=torch.float64, device=device)
-            if ddp:
-                dist.all_reduce(packed)
-            stats = {k: s / n for k, (s, n) in zip(keys, packed.tolist(), strict=True) if n}
+            stats = step_log.reduce(log_keys, device, ddp)
             ta_prob, nref_prob = phase_probs(cfg, step)
-            stats.update(lr=lr, grad_norm=float(grad_norm), step_time=elapsed / log_count,
-                         samples_per_s=log_count * batch_size * world / elapsed)
+            stats.update(lr=lr, grad_norm=grad_norm.item(),
+                         step_time=elapsed / step_log.micro_steps,
+                         samples_per_s=step_log.micro_steps * batch_size * world / elapsed)
             if writer is not None:
                 for k, v in stats.items():
                     writer.add_scalar(f"train/{k}", v, step)
@@ -501,16 +688,21 @@ def main(argv: list[str] | None = None) -> None:
                 if device.type == "cuda":
                     writer.add_scalar("train/gpu_mem_gib",
                                       torch.cuda.max_memory_allocated(device) / 2**30, step)
-            phase = 3 if gan_w is not None else (2 if step >= cfg.train.phase2_step else 1)
-            keys = ["loss", "si_sdr", *(k for k in stats if k not in ("loss", "si_sdr"))]
+            phase = 3 if gan_active else (2 if step >= cfg.train.phase2_step else 1)
+            # loss and si_sdr first; si_sdr is absent after an interval without a TP item
+            first = [k for k in ("loss", "si_sdr") if k in stats]
+            keys = [*first, *(k for k in stats if k not in first)]
             log.info("step=%d phase=%d %s nonfinite=%d corrupt=%d", step, phase,
                      " ".join(f"{k}={stats[k]:.4g}" for k in keys), nonfinite_total, corrupt)
-            log_sums, log_counts, log_count, t_log = {}, {}, 0, time.perf_counter()
+            step_log, t_log = StepLog(), time.perf_counter()
 
         # ---- end of run? (every rank must agree, so the budget decision is all-reduced)
         final = step >= cfg.train.total_steps
         if cfg.train.max_minutes:
-            over = torch.tensor(float(time.perf_counter() - t_start > 60 * cfg.train.max_minutes))
+            # On the training device: NCCL all-reduces only device tensors. This .item() adds
+            # no wait of its own, as update() has just synchronised with the device.
+            elapsed_min = (time.perf_counter() - t_start) / 60
+            over = torch.tensor(float(elapsed_min > cfg.train.max_minutes), device=device)
             if ddp:
                 dist.all_reduce(over, op=dist.ReduceOp.MAX)
             if over.item():
@@ -536,6 +728,15 @@ def main(argv: list[str] | None = None) -> None:
                 final, stop_reason = True, f"no better si_sdri in {bad_vals} validations"
         # ---- checkpoints: last (always at an interval), best, rotation of step_*.pt
         periodic = step % cfg.train.ckpt_every == 0 or final
+        if periodic and ddp:
+            # Ranks that drifted apart (a missed all-reduce, non-deterministic kernels) would
+            # otherwise train on silently, and only rank 0's weights are saved.
+            in_sync = ranks_in_sync(nets)
+            log.info("ranks step=%d world=%d in_sync=%d", step, world, in_sync)
+            if not in_sync:
+                stop_reason = "ranks hold different weights"
+                log.error("stopping step=%d reason=%s", step, stop_reason.replace(" ", "_"))
+                final = True
         if periodic or is_best:
             rngs = [None] * world
             if ddp:
@@ -546,12 +747,12 @@ def main(argv: list[str] | None = None) -> None:
                 payload = {
                     "model_args": margs,
                     "config": to_dict(cfg),
-                    "generator": gen_module.state_dict(),
+                    "generator": generator.state_dict(),
                     "ema": ema.state_dict() if ema is not None else None,
-                    "opt_g": opt_g.state_dict(),
+                    "opt_g": nets.opt_g.state_dict(),
                     "disc": disc.state_dict() if disc is not None else None,
-                    "opt_d": opt_d.state_dict() if opt_d is not None else None,
-                    "scaler": scaler.state_dict(),
+                    "opt_d": nets.opt_d.state_dict() if nets.opt_d is not None else None,
+                    "scaler": nets.scaler.state_dict(),
                     "step": step,  # also the data position (StepSampler)
                     "best_si_sdri": best,
                     "bad_validations": bad_vals,
@@ -578,7 +779,7 @@ def main(argv: list[str] | None = None) -> None:
             writer.close()
     if ddp:
         dist.destroy_process_group()
-    if stop_reason.endswith("in a row"):
+    if stop_reason.endswith("in a row") or stop_reason.startswith("ranks"):
         sys.exit(1)
 
 

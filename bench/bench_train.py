@@ -18,19 +18,19 @@ the workers' own peak (``VmHWM`` in /proc, polled) and the peak of the whole tre
 set size (``Pss`` from /proc/PID/smaps_rollup, summed over the trainer and its workers, polled
 every ``POLL_S``): the pages forked workers share with the trainer count once there.
 
-Recipe: configs/hifi_tse.yaml's model (gradient checkpointing on, as in the recipe), AdamW and
-an EMA copy, on a random batch of 2 x 4 s at 48 kHz, in a fresh child process with ``--threads``
-torch threads and ``OMP_WAIT_POLICY=PASSIVE`` (spinning OpenMP threads stall on shared cores,
-see bench/bench_inference.py). Two steps of forward, loss (SI-SDR + phase-sensitive, as
-``train.py``), backward, clipping, AdamW and EMA; the second is reported with the child's
-``ru_maxrss``. It is fp32: the recipe uses bf16 autocast on the GPU, and train.py is not run for
-it because one step takes tens of seconds on two cores.
+Recipe: configs/hifi_tse.yaml (gradient checkpointing on, as in the recipe) through train.py's
+own ``build_nets``, ``micro_step`` and ``update``, on a random batch of 2 x 4 s at 48 kHz, in a
+fresh child process with ``--threads`` torch threads and ``OMP_WAIT_POLICY=PASSIVE`` (spinning
+OpenMP threads stall on shared cores, see bench/bench_inference.py). Two steps of forward, every
+loss term, backward, clipping, AdamW and EMA; the second is reported with the child's
+``ru_maxrss``. It is fp32: the recipe uses bf16 autocast on the GPU, and train.py's data
+pipeline is not run for it because one step takes tens of seconds on two cores.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import contextlib
 import json
 import logging
 import os
@@ -52,10 +52,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+import train  # noqa: E402
 from bench.report import machine, markdown_table, print_json, write_section  # noqa: E402
 from config import load_config, model_kwargs  # noqa: E402
 from data.prepare_manifest import prepare  # noqa: E402
-from losses.separation import phase_sensitive_loss, si_sdr_loss  # noqa: E402
 from models.generator import Generator  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -195,43 +195,32 @@ def train_rate(log_path: Path) -> dict[str, float]:
 
 
 def recipe_child(threads: int) -> None:
-    """Time RECIPE_STEPS optimizer steps of the recipe in this process; one JSON line."""
+    """Time RECIPE_STEPS optimizer steps of the recipe in this process, through train.py's own
+    ``micro_step`` and ``update`` (every loss term of the recipe, clipping, AdamW, EMA); one
+    JSON line."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    cfg = load_config(RECIPE_CONFIG)
-    generator = Generator(**model_kwargs(cfg)).train()
-    ema = copy.deepcopy(generator).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(
-        generator.parameters(),
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
-    )
+    # One micro-step per update, in float32 (the CPU has no fast bf16 here).
+    cfg = load_config(RECIPE_CONFIG, ["optim.grad_accum=1", "train.precision=fp32"])
+    nets = train.build_nets(cfg, torch.device("cpu"))
     n_samples = round(SEGMENT_SECONDS * cfg.stft.sample_rate)  # 192000
     mix, ref, target = (0.1 * torch.randn(RECIPE_BATCH, n_samples) for _ in range(3))
+    batch = {"mix": mix, "ref": ref, "target": target,
+             "is_ta": torch.zeros(RECIPE_BATCH, dtype=torch.bool)}
     times = []
-    for _ in range(RECIPE_STEPS):
+    for step in range(RECIPE_STEPS):
         start = time.perf_counter()
-        est = generator(mix, ref)
-        loss = cfg.loss.si_sdr * si_sdr_loss(est, target) + cfg.loss.phase_sensitive * (
-            phase_sensitive_loss(generator.stft(est), generator.stft(target))
-        )
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(generator.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            torch._foreach_lerp_(
-                list(ema.parameters()), list(generator.parameters()), 1 - cfg.optim.ema_decay
-            )
+        train.micro_step(nets, cfg, batch, step=step, autocast=contextlib.nullcontext(),
+                         step_log=train.StepLog())
+        train.update(nets, cfg, step + 1)
         times.append(time.perf_counter() - start)
     print(
         json.dumps(
             {
-                "params": sum(p.numel() for p in generator.parameters()),
+                "params": sum(p.numel() for p in nets.generator.parameters()),
                 "step_times": times,
                 "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-                "grad_checkpoint": cfg.model.grad_checkpoint,
+                "grad_checkpoint": nets.generator.grad_checkpoint,
             }
         )
     )
@@ -320,8 +309,9 @@ def main() -> None:
             f"{tiny_run['worker_hwm_kib'] * KIB / GIB:.2f} GiB (VmHWM) and trainer + workers "
             f"at {tiny_run['tree_pss_kib'] * KIB / GIB:.2f} GiB of summed PSS (shared pages "
             f"counted once; polled every {POLL_S} s). "
-            f"Recipe: configs/hifi_tse.yaml's model, AdamW + EMA copy, random batch, forward + "
-            f"SI-SDR/phase-sensitive loss + backward + clip + step + EMA in a fresh process "
+            f"Recipe: configs/hifi_tse.yaml's model and losses through train.py's `micro_step` + "
+            f"`update` (forward, every loss term, backward, clip, AdamW, EMA), random batch, "
+            f"gradient accumulation 1, in a fresh process "
             f"(`OMP_WAIT_POLICY=PASSIVE`), the second of {RECIPE_STEPS} steps (first "
             f"{recipe['step_times'][0]:.1f} s); peak RSS is that process's `ru_maxrss`. fp32 on "
             "the CPU; the recipe trains with bf16 autocast on a GPU.",

@@ -12,6 +12,39 @@ from torch import nn
 
 from models.usef import FrameAttention
 
+PROBE_SHAPE = (2, 5, 8)  # (N, L, D) of the start-up bf16 LSTM probe: small, but a real LSTM
+
+
+def bf16_lstm_works(device: torch.device) -> bool:
+    """Whether a bidirectional LSTM runs forward and backward under bf16 autocast on ``device``.
+
+    cuDNN builds differ: some raise ``not implemented for 'BFloat16'`` for the LSTM while every
+    other bf16 op works, and a run would only find out at its first step (or, on a node with
+    another build, days later on resume). The trainer probes once at start-up instead.
+    """
+    n, length, dim = PROBE_SHAPE
+    # A linear layer in front, as in the generator: what dtype reaches the LSTM under autocast
+    # depends on the op before it (and oneDNN on some CPUs rejects an LSTM given float32 there).
+    probe = nn.Sequential(nn.Linear(dim, dim), _BiLSTMPath(feature_dim=dim, lstm_hidden=dim))
+    probe = probe.to(device)
+    x = torch.randn(n, length, dim, device=device, requires_grad=True)
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = probe(x)
+        y.float().square().mean().backward()
+    except RuntimeError:
+        return False
+    return x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+def use_float32_lstms(model: nn.Module, enabled: bool = True) -> int:
+    """Run every TF-GridNet BiLSTM of ``model`` in float32 inside autocast (the rest of the
+    network keeps the autocast dtype). Returns the number of LSTMs switched."""
+    paths = [m for m in model.modules() if isinstance(m, _BiLSTMPath)]
+    for path in paths:
+        path.float32_lstm = enabled
+    return len(paths)
+
 
 class _BiLSTMPath(nn.Module):
     """Pre-norm BiLSTM over the middle axis of (N, L, D) sequences, projected back to D."""
@@ -21,9 +54,16 @@ class _BiLSTMPath(nn.Module):
         self.norm = nn.LayerNorm(feature_dim)
         self.lstm = nn.LSTM(feature_dim, lstm_hidden, batch_first=True, bidirectional=True)
         self.proj = nn.Linear(2 * lstm_hidden, feature_dim)
+        self.float32_lstm = False  # see use_float32_lstms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.lstm(self.norm(x))[0])
+        y = self.norm(x)
+        if self.float32_lstm and torch.is_autocast_enabled(y.device.type):
+            with torch.autocast(y.device.type, enabled=False):
+                h = self.lstm(y.float())[0]
+        else:
+            h = self.lstm(y)[0]
+        return self.proj(h)  # back under autocast, if any
 
 
 class TFGridNetBlock(nn.Module):

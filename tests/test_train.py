@@ -3,6 +3,7 @@ after SIGKILL, non-finite skipping, config errors, and DDP gradient equivalence.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import yaml
 import train
 from config import ConfigError, load_config, model_kwargs
 from data.dataset import HiFiTSEDataset, dataset_kwargs
-from losses.separation import si_sdr
+from losses.separation import si_sdr, ta_energy_loss
 from models.generator import Generator
 from tests.packed_data import packed_subset
 
@@ -234,17 +235,163 @@ def test_unknown_config_key_is_rejected(tmp_path: Path) -> None:
         train.main(["--config", str(bad)])
 
 
-@pytest.mark.slow
-def test_ddp_gradients_match_single_process(tmp_path: Path) -> None:
-    out = tmp_path / "ddp.json"
+def _run_ddp_check(tmp_path: Path, mode: str, timeout: int = 600) -> dict:
+    out = tmp_path / f"ddp_{mode}.json"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--standalone", str(REPO / "tests" / "ddp_check.py"), str(out)]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+           "--standalone", str(REPO / "tests" / "ddp_check.py"), str(out), mode]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_ddp_allreduces_once_per_update_and_matches_single_process(tmp_path: Path) -> None:
+    report = _run_ddp_check(tmp_path, "grads")
+    accum = report["accum"]
+    assert accum == 4
+    # Only the last micro-step of each of the two updates all-reduces, once per bucket.
+    assert report["allreduce_micro_steps"] == [accum - 1, 2 * accum - 1], report
+    per_update = report["allreduces_per_update"]
+    assert per_update[0] == per_update[1] >= 1
+    assert report["n_allreduces"] == sum(per_update)
     assert report["max_diff_between_ranks"] == 0.0
     assert report["max_diff_vs_single"] < 1e-5, report  # relative to the largest gradient
+
+
+@pytest.mark.slow
+def test_ddp_gan_phase_with_an_all_target_absent_rank(tmp_path: Path) -> None:
+    # Rank 0 sees only target-absent batches, rank 1 mixed ones: a data-dependent skip of the
+    # discriminator on one rank would hang here (the subprocess timeout) or split the weights.
+    report = _run_ddp_check(tmp_path, "gan", timeout=900)
+    assert report["max_diff_between_ranks"] == {"generator": 0.0, "disc": 0.0}, report
+    assert report["in_sync"]
+    assert report["changed"] == {"generator": True, "disc": True}
+
+
+@pytest.mark.slow
+def test_gan_phase_survives_all_target_absent_batches(tmp_path: Path, data_section: dict) -> None:
+    short = {**data_section, "segment_seconds": 0.5, "ref_seconds": 0.5, "ta_prob": 1.0}
+    cfg = write_config(
+        tmp_path / "c.yaml", short,
+        train={"total_steps": 4, "ckpt_every": 4, "batch_size": 1, "phase2_step": 0,
+               "noisy_ref_ramp": [0, 0]},
+        gan={"enabled": True, "start_step": 0, "d_warmup_steps": 1, "ramp_steps": 1,
+             "periods": [2, 3], "n_scales": 2},
+    )
+    train.main(["--config", str(cfg)])
+    run = tmp_path / "run"
+    rows = log_lines(run)
+    assert [r["phase"] for r in rows] == ["3"] * 4
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    assert all("ta_energy" in r for r in rows)
+    assert "training finished step=4" in (run / "train.log").read_text()
+
+
+def _tiny_nets(*overrides: str) -> tuple:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["optim.grad_accum=1", *overrides])
+    torch.manual_seed(0)
+    return cfg, train.build_nets(cfg, torch.device("cpu"))
+
+
+def _batch(is_ta: list[bool], n: int = 4_800, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    mix, ref, target = (torch.randn(len(is_ta), n, generator=gen) for _ in range(3))
+    ta = torch.tensor(is_ta)
+    return {"mix": mix, "ref": ref, "target": torch.where(ta[:, None], 0.0, target),
+            "is_ta": ta}
+
+
+def test_update_with_a_gradient_free_discriminator_under_a_gradscaler() -> None:
+    cfg, nets = _tiny_nets("gan.enabled=true", "gan.periods=[2]", "gan.n_scales=1")
+    nets.scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=4.0)
+    # What GradScaler does with an optimizer that got no gradient (the old GAN branch skipped
+    # the discriminator on all-TA batches): an assertion at step().
+    bare = torch.amp.GradScaler("cpu", enabled=True)
+    bare.scale(torch.ones(()))  # the generator's loss was scaled in this update
+    bare.unscale_(nets.opt_d)
+    with pytest.raises(AssertionError, match="No inf checks"):
+        bare.step(nets.opt_d)
+    assert train.unscale_and_clip(nets.opt_d, nets.scaler, 1.0) is None
+    est = nets.generator(*(_batch([False, True])[k] for k in ("mix", "ref")))
+    nets.scaler.scale(est.square().mean()).backward()
+    before = [p.detach().clone() for p in nets.generator.parameters()]
+    _, grad_norm, applied = train.update(nets, cfg, step=1)
+    assert applied
+    assert torch.isfinite(grad_norm)
+    changed = [not torch.equal(a, p) for a, p in zip(before, nets.generator.parameters(),
+                                                      strict=True)]
+    assert sum(changed) > len(changed) // 2
+
+
+def test_logged_terms_average_over_the_items_they_cover() -> None:
+    cfg, nets = _tiny_nets()
+    no_amp = contextlib.nullcontext()
+    step_log = train.StepLog()
+    train.micro_step(nets, cfg, _batch([False, False], seed=1), step=0, autocast=no_amp,
+                     step_log=step_log)
+    with_ta = _batch([True, False], seed=2)
+    train.micro_step(nets, cfg, with_ta, step=1, autocast=no_amp, step_log=step_log)
+    stats = step_log.reduce([*sorted(train.loss_weights(cfg)), "loss"], torch.device("cpu"),
+                            ddp=False)
+    with torch.no_grad():
+        est = nets.generator(with_ta["mix"], with_ta["ref"])
+        ta_only = ta_energy_loss(est[:1], with_ta["mix"][:1]).item()
+    # The TA term covers one item in two micro-steps: its mean is that item's value, not half.
+    assert stats["ta_energy"] == pytest.approx(ta_only, rel=1e-4, abs=1e-4)
+    assert step_log.micro_steps == 2
+
+
+def test_fallback_runs_the_lstms_in_float32_inside_bf16_autocast() -> None:
+    _, nets = _tiny_nets()
+    model = nets.generator
+    assert train.use_float32_lstms(model) == 2 * len(model.blocks)
+    seen: dict[str, set] = {"lstm": set(), "proj": set()}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.LSTM):
+            module.register_forward_hook(lambda m, i, o: seen["lstm"].add(o[0].dtype))
+        elif name.endswith(".proj") and "intra" in name:
+            module.register_forward_hook(lambda m, i, o: seen["proj"].add(o.dtype))
+    mix, ref = _batch([False])["mix"], _batch([False])["ref"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        est = model(mix, ref)
+    est.float().square().mean().backward()
+    assert seen == {"lstm": {torch.float32}, "proj": {torch.bfloat16}}
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.slow
+def test_bf16_probe_failure_switches_lstms_to_float32(
+    tmp_path: Path, data_section: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(train, "bf16_lstm_works", lambda device: False)
+    cfg = write_config(tmp_path / "c.yaml", data_section,
+                       train={"total_steps": 2, "ckpt_every": 2, "precision": "bf16"})
+    train.main(["--config", str(cfg)])
+    text = (tmp_path / "run" / "train.log").read_text()
+    assert re.search(r"bf16_lstm=unsupported device=cpu lstms=4 run_in=float32", text), text
+    assert text.count("bf16_lstm=") == 1
+    assert "training finished step=2" in text
+
+
+def test_bf16_lstm_probe_passes_on_this_cpu() -> None:
+    # The generator trains under CPU bf16 autocast here, so the probe must say so.
+    assert train.bf16_lstm_works(torch.device("cpu"))
+
+
+def test_device_and_precision_mistakes_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.device=cuda"])
+    with pytest.raises(ConfigError, match="every rank on GPU 0"):
+        train.resolve_device(cfg, ddp=True, local_rank=1)
+    assert train.resolve_device(cfg, ddp=False, local_rank=0) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    bf16 = load_config(REPO / "configs" / "tiny.yaml", ["train.precision=bf16"])
+    with pytest.raises(ConfigError, match="fp16"):
+        train.autocast_dtype(bf16, torch.device("cuda", 0))
+    assert train.autocast_dtype(bf16, torch.device("cpu")) == torch.bfloat16
+    fp16 = load_config(REPO / "configs" / "tiny.yaml", ["train.precision=fp16"])
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        train.autocast_dtype(fp16, torch.device("cpu"))
 
 
 @pytest.mark.slow
