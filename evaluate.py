@@ -18,7 +18,9 @@ Samples come from one of three sources:
 Files may have any sample rate and channel count: ``load_audio`` downmixes and resamples them to
 48 kHz, where everything is compared. A missing or all-zero target marks a target-absent (TA)
 sample. The target is cut or zero-padded to the mixture's length (at most
-``MAX_LENGTH_MISMATCH_SECONDS`` apart, else the file is rejected).
+``MAX_LENGTH_MISMATCH_SECONDS`` apart, else the file is rejected). A reference that cannot
+identify the target (``inference.check_reference``: shorter than 1 s, or no voice in it) is
+refused before any sample is extracted.
 
 Metrics per sample, all on the 48 kHz signals unless said otherwise:
 
@@ -35,11 +37,17 @@ Metrics per sample, all on the 48 kHz signals unless said otherwise:
 The TP metrics are NaN (empty in the CSV) for TA samples and the TA suppression for TP ones.
 Summaries (mean, median, standard deviation, 5/25/75/95th percentiles) skip NaN.
 
-The generator runs in the main process (batch of 1, ``torch.no_grad``, one whole file at a time);
-the metrics, which are CPU-heavy, run in ``--jobs`` worker processes while the next sample is
-extracted. Outputs in ``--out-dir``, each written atomically: ``per_sample.csv``,
-``summary.json``, ``report.md``, ``si_sdri_hist.png`` and, for the best, median and worst TP
-samples by SI-SDRi, ``examples/{best,median,worst}_spectrogram.png`` and
+The checkpoint is read once (``models.generator.read_checkpoint``): its dict gives the generator,
+whether EMA weights exist, the stored config and the step. The generator runs in the main process
+through ``inference.Extractor.extract_array``: the windows, cross-fades, one level per file and
+reference encoding of inference.py, so the numbers are those of the shipped extraction and the
+generator's memory does not grow with a recording's length (the signals and their metrics still grow
+linearly). The metrics, which are CPU-heavy, run in ``--jobs`` worker processes while the next
+sample is extracted.
+
+Outputs in ``--out-dir``, each written atomically: ``per_sample.csv``, ``summary.json``,
+``report.md``, ``si_sdri_hist.png`` and, for the best, median and worst TP samples by SI-SDRi,
+``examples/{best,median,worst}_spectrogram.png`` and
 ``examples/{best,median,worst}_{mix,ref,estimate,target}.wav``.
 """
 
@@ -77,8 +85,9 @@ from config import Config, ConfigError, apply_overrides, from_dict, load_config
 from data.audio_utils import SAMPLE_RATE, STFT, AudioError, load_audio, save_audio
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from data.manifest import ManifestError
+from inference import Extractor, InferenceError, read_reference, resolve_device
 from losses.separation import si_sdr, si_sdr_improvement, ta_suppression_db
-from models.generator import CheckpointError, Generator
+from models.generator import CheckpointError, Generator, read_checkpoint
 
 log = logging.getLogger("evaluate")
 
@@ -232,6 +241,10 @@ def _file_source(
     for path in (mix_path, ref_path, target_path):
         if path is not None:
             _check_audio_file(path)
+    try:
+        read_reference(ref_path)  # refused now rather than after the samples before it ran
+    except AudioError as err:  # too short or voiceless: bad evaluation input
+        raise EvalInputError(str(err)) from None
     return SampleSource(sample_id, partial(_load_files, sample_id, mix_path, ref_path, target_path))
 
 
@@ -418,29 +431,13 @@ def _bss_sdr(estimate: np.ndarray, target: np.ndarray, notes: list[str]) -> floa
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device if there is one, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise EvalInputError(f"--device {name}: {err}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalInputError(f"--device {name}: CUDA is not available")
-    return device
-
-
-@torch.no_grad()
-def extract(model: Generator, sample: Sample, device: torch.device) -> np.ndarray:
-    """The generator's estimate of ``sample``'s target (batch of 1, whole file).
+def extract(extractor: Extractor, sample: Sample) -> np.ndarray:
+    """The generator's estimate of ``sample``'s target, extracted as inference.py extracts it.
 
     Shape:
         returns (N,) float32 with N = len(sample.mix)
     """
-    mix = torch.from_numpy(sample.mix)[None].to(device)  # (1, N)
-    ref = torch.from_numpy(sample.ref)[None].to(device)  # (1, M)
-    return model(mix, ref)[0].float().cpu().numpy()
+    return extractor.extract_array(sample.mix, sample.ref, ref_name=f"{sample.id} (reference)")
 
 
 def _row(sample: Sample) -> dict[str, Any]:
@@ -455,10 +452,9 @@ def _row(sample: Sample) -> dict[str, Any]:
 
 
 def run_samples(
-    model: Generator,
+    extractor: Extractor,
     sources: Sequence[SampleSource],
     *,
-    device: torch.device,
     jobs: int,
     metric_kwargs: dict[str, Any],
 ) -> list[dict[str, Any]]:
@@ -486,7 +482,7 @@ def run_samples(
     try:
         for i, source in enumerate(sources):
             sample = source.load()
-            estimate = extract(model, sample, device)
+            estimate = extract(extractor, sample)
             rows[i] = _row(sample)
             args = (estimate, sample.target, sample.mix)
             if pool is None:
@@ -815,15 +811,14 @@ def write_examples(
     picks: dict[str, int],
     rows: Sequence[dict[str, Any]],
     sources: Sequence[SampleSource],
-    model: Generator,
-    device: torch.device,
+    extractor: Extractor,
 ) -> dict[str, Any]:
     """Audio and spectrograms of the picked samples, extracted again (deterministically)
     rather than kept in memory during the run."""
     examples: dict[str, Any] = {}
     for label, index in picks.items():
         sample = sources[index].load()
-        estimate = extract(model, sample, device)
+        estimate = extract(extractor, sample)
         waves = {"mix": sample.mix, "ref": sample.ref, "estimate": estimate,
                  "target": sample.target}
         audio = {}
@@ -848,17 +843,6 @@ def write_examples(
 # ---------------------------------------------------------------------------------------------
 
 
-def _checkpoint_extras(path: Path) -> dict[str, Any]:
-    """The stored config, step and whether EMA weights exist (memory-mapped: no second copy of
-    a training checkpoint's optimizer state)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) format cannot be memory-mapped
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    return {"config": ckpt.get("config"), "step": ckpt.get("step"),
-            "has_ema": ckpt.get("ema") is not None}
-
-
 def resolve_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> Config:
     """``--config`` if given, else the checkpoint's stored config; then the ``--set`` items."""
     if args.config is not None:
@@ -875,6 +859,25 @@ def resolve_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> C
     except ConfigError as err:
         raise ConfigError(f"{args.ckpt}: stored config: {err}") from None
     return apply_overrides(cfg, args.set)
+
+
+@dataclass
+class Checkpoint:
+    """What an evaluation takes from its checkpoint, read once."""
+
+    model: Generator
+    cfg: Config  # the stored config (or --config), with the --set overrides
+    use_ema: bool  # EMA weights: present, and neither --no-ema nor eval.use_ema false
+    step: int | None
+
+
+def load_checkpoint(args: argparse.Namespace) -> Checkpoint:
+    """The generator, config and step of ``args.ckpt`` from one read of the file."""
+    ckpt = read_checkpoint(args.ckpt)
+    cfg = resolve_config(args, ckpt.get("config"))
+    use_ema = not args.no_ema and cfg.eval.use_ema and ckpt.get("ema") is not None
+    model = Generator.from_payload(ckpt, use_ema=use_ema, name=str(args.ckpt))
+    return Checkpoint(model=model, cfg=cfg, use_ema=use_ema, step=ckpt.get("step"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -905,13 +908,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run a whole evaluation from parsed arguments; returns the summary that was written."""
-    use_ema_flag = not args.no_ema
-    model = Generator.from_checkpoint(args.ckpt, use_ema=use_ema_flag, map_location="cpu")
-    extras = _checkpoint_extras(args.ckpt)
-    cfg = resolve_config(args, extras["config"])
-    use_ema = use_ema_flag and cfg.eval.use_ema and extras["has_ema"]
-    if use_ema_flag and not use_ema and extras["has_ema"]:  # eval.use_ema: false in the config
-        model = Generator.from_checkpoint(args.ckpt, use_ema=False, map_location="cpu")
+    loaded = load_checkpoint(args)
+    cfg, use_ema = loaded.cfg, loaded.use_ema
     if cfg.eval.pesq_sr not in PESQ_MODES:
         raise ConfigError(f"config key 'eval.pesq_sr': PESQ runs at {sorted(PESQ_MODES)} Hz, "
                           f"not {cfg.eval.pesq_sr}")
@@ -921,8 +919,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # The metric workers take one core each; more generator threads than the cores left
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - jobs))
-    model = model.to(device).eval()
-    n_params = sum(p.numel() for p in model.parameters())
+    extractor = Extractor(loaded.model, device=device)
+    n_params = sum(p.numel() for p in loaded.model.parameters())
 
     if args.triplets is not None:
         sources, source_desc = triplet_samples(args.triplets), f"triplets in `{args.triplets}`"
@@ -938,7 +936,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
              len(sources), source_desc, device, "EMA" if use_ema else "generator", jobs)
 
     sdr = args.sdr or cfg.eval.sdr
-    rows = run_samples(model, sources, device=device, jobs=jobs,
+    rows = run_samples(extractor, sources, jobs=jobs,
                        metric_kwargs={"pesq_sr": cfg.eval.pesq_sr, "sdr": sdr})
     edges = list(cfg.eval.snr_band_edges_db)
     summary = summarize(rows, edges)
@@ -948,11 +946,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     plot_histogram(out_dir / HIST_NAME,
                    [r["si_sdri"] for r in rows if r["condition"] == "TP"])
     picks = pick_examples(rows)
-    examples = write_examples(out_dir, picks, rows, sources, model, device)
+    examples = write_examples(out_dir, picks, rows, sources, extractor)
     pesq_mode = PESQ_MODES[cfg.eval.pesq_sr]
     info = {
         "checkpoint": str(args.ckpt),
-        "step": extras["step"],
+        "step": loaded.step,
         "weights": "EMA" if use_ema else "generator",
         "source": source_desc,
         "n_samples": len(rows),
@@ -993,7 +991,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         evaluate(args)
-    except (CheckpointError, AudioError, ConfigError, ManifestError, EvalInputError,
+    except (CheckpointError, AudioError, ConfigError, ManifestError, EvalInputError, InferenceError,
             OSError) as err:
         sys.stderr.write(f"evaluate.py: error: {_one_line(err)}\n")
         raise SystemExit(1) from None

@@ -27,17 +27,28 @@ the two windows' estimates are cross-faded with a raised-cosine pair whose gains
 two estimates of the same target are strongly correlated, so amplitude-complementary gains keep
 the level constant where an equal-power fade would add up to +3 dB in the middle of the seam.
 The reference is embedded once per file (``Generator.encode_reference``) and reused for every
-window and every mixture that shares it.
+window and every mixture that shares it; the embeddings of the ``REF_CACHE_SIZE`` most recently
+used references are kept (about 81 MB each for 30 s at the recipe's width), so a ``--ref-dir``
+run holds a bounded number of them however many references it meets.
+
+References: the first ``MAX_REF_SECONDS`` are used; one shorter than ``MIN_REF_SECONDS`` or with
+no voice in it (``check_reference``: its loudest ``REF_FRAME_SECONDS`` frame below
+``MIN_REF_PEAK_DBFS``) is refused, since the target cannot be identified from it.
 
 Level: the generator divides its input by the input's RMS. Normalising each window by its own
 RMS would change the gain from window to window, so a first streaming pass measures the RMS of
 the whole (resampled) mixture and every window is divided and re-multiplied by that one scale
 (``Generator.extract(..., scale=...)``). A recording that fits in one window is therefore
-processed exactly as ``Generator.forward`` would process it.
+processed as ``Generator.forward`` would process it (the scale is summed in float64, so it may
+differ from the generator's float32 one in the last bit).
+
+``Extractor.extract_array`` runs the same reference check and encoding, windows, cross-fades and
+one scale per file on signals already in memory; evaluate.py scores checkpoints through it.
 
 Errors: a bad input prints one line ``error: <path>: <problem>`` to stderr, writes no output
 for that pair and makes the exit code 1 (the other pairs of a folder or list still run).
-Checkpoints load with ``weights_only=True``: a file holding arbitrary pickled objects is refused.
+Checkpoints are read once (``models.generator.read_checkpoint``) with ``weights_only=True``: a
+file holding arbitrary pickled objects is refused.
 """
 
 from __future__ import annotations
@@ -47,9 +58,9 @@ import contextlib
 import csv
 import logging
 import math
-import re
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +72,7 @@ import torch
 
 from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
 from models.generator import RMS_EPS, CheckpointError, Generator
+from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +81,19 @@ OVERLAP_SECONDS = 1.0  # cross-fade length between windows
 READ_BLOCK_SECONDS = 1.0  # how much of the mixture is decoded per read
 MIN_REF_SECONDS = 1.0  # shorter references do not identify a speaker
 MAX_REF_SECONDS = 30.0  # only the first 30 s of a longer reference are read (bounded memory)
+# A reference holds a voice only if some 100 ms of it (a syllable) reach -60 dBFS RMS. The
+# generator divides the reference by its RMS, so a voiceless one would be amplified floor noise
+# or dither (digital silence, 16-bit dither at -96 dBFS, a quiet room's hiss) and the target
+# could not be identified from it. The loudest frame rather than the RMS of the whole file, so
+# that a reference that is mostly pauses still passes. Measured on the 960 RAVDESS utterances in
+# ../shared/data: the softest one's loudest 100 ms is at -55.6 dBFS (median -31.6 dBFS), and
+# their pauses stay below -61 dBFS.
+REF_FRAME_SECONDS = 0.1
+MIN_REF_PEAK_DBFS = -60.0
+# Embedded references kept by an Extractor: each is (1, S, K, D) float32, about 81 MB for 30 s
+# at the recipe's width (3001 frames x 53 bands x 128 channels), so a --ref-dir run must not
+# keep them all; 8 covers a list that alternates between a few speakers.
+REF_CACHE_SIZE = 8
 MIXED_SUFFIX, REF_SUFFIX, OUT_SUFFIX = "-mixed", "-ref", "-extracted"
 OUT_EXT = ".wav"
 AUDIO_EXTS = frozenset(
@@ -170,6 +195,69 @@ def fit_length(blocks: Iterable[np.ndarray], n_samples: int) -> Iterator[np.ndar
         yield np.zeros(n_samples - done, dtype=np.float32)
 
 
+def energy(block: np.ndarray) -> float:
+    """Sum of squares in float64: the blocks of a whole recording add up without rounding
+    drift."""
+    block64 = block.astype(np.float64)
+    return float(np.dot(block64, block64))
+
+
+# ---------------------------------------------------------------------------------------------
+# References
+# ---------------------------------------------------------------------------------------------
+
+
+def check_reference(wave: np.ndarray, sr: int, name: str | Path) -> None:
+    """Refuse a reference the target cannot be identified from: shorter than
+    ``MIN_REF_SECONDS``, or without voice (its loudest ``REF_FRAME_SECONDS`` frame below
+    ``MIN_REF_PEAK_DBFS``, see the constant). Raises ``AudioError`` naming ``name``.
+
+    Shape:
+        wave: (M,) at ``sr``
+    """
+    if wave.shape[0] < MIN_REF_SECONDS * sr:
+        raise AudioError(
+            f"{name}: reference is {wave.shape[0] / sr:.2f} s long, "
+            f"shorter than {MIN_REF_SECONDS:g} s"
+        )
+    frame = round(REF_FRAME_SECONDS * sr)
+    frames = wave[: wave.shape[0] // frame * frame].reshape(-1, frame)  # (n_frames, frame)
+    loudest = float(np.square(frames, dtype=np.float64).mean(axis=1).max())  # mean square
+    if loudest < 10 ** (MIN_REF_PEAK_DBFS / 10):
+        level = (
+            "digital silence"
+            if loudest == 0.0
+            else f"its loudest {REF_FRAME_SECONDS:g} s at {10 * math.log10(loudest):.1f} dBFS"
+        )
+        raise AudioError(
+            f"{name}: no voice in the reference ({level}, below {MIN_REF_PEAK_DBFS:g} dBFS): "
+            "the target cannot be identified from it"
+        )
+
+
+def _reference_limit(n_frames: int, sr: int, name: str | Path) -> int:
+    """How many frames of a reference are used: the first ``MAX_REF_SECONDS`` (with a warning
+    when that cuts it)."""
+    limit = round(MAX_REF_SECONDS * sr)
+    if n_frames > limit:
+        log.warning("%s: using the first %.0f s of the reference", name, MAX_REF_SECONDS)
+    return limit
+
+
+def read_reference(path: Path) -> tuple[np.ndarray, int]:
+    """The used part of a reference file (``MonoReader``), mono at its own rate, and that rate;
+    refused by ``check_reference`` (``AudioError``) when it cannot identify the target.
+
+    Shape:
+        returns (M,), sr
+    """
+    with MonoReader(path) as reader:
+        limit = _reference_limit(reader.frames, reader.sr, path)
+        wave = np.concatenate(list(reader.blocks(limit)))
+    check_reference(wave, reader.sr, path)
+    return wave, reader.sr
+
+
 # ---------------------------------------------------------------------------------------------
 # Windows and cross-fades
 # ---------------------------------------------------------------------------------------------
@@ -249,35 +337,9 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _one_line(text: str) -> str:
-    """A checkpoint loader's message on one line, without torch's advice to unpickle anyway."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colour codes
-    unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    if unpickler:
-        path = text.split(": ", 1)[0]
-        reason = unpickler.group(1).split(". Please")[0].rstrip(".")
-        if "Unsupported global" in reason:
-            return (
-                f"{path}: not a HiFi-TSE checkpoint (it holds pickled objects other than "
-                f"tensors, which are never unpickled: {reason})"
-            )
-        return f"{path}: not a HiFi-TSE checkpoint (not a torch.save file: {reason})"
-    return " ".join(text.split())
-
-
 def load_generator(path: Path, *, use_ema: bool = True) -> Generator:
-    """``Generator.from_checkpoint`` (weights only) with one-line errors naming ``path``."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        return Generator.from_checkpoint(path, use_ema=use_ema, map_location="cpu")
-    except CheckpointError as err:
-        raise CheckpointError(_one_line(str(err))) from None
-    except (TypeError, ValueError, RuntimeError, KeyError, AttributeError) as err:
-        # model_args that do not build a Generator, or weights that do not fit it.
-        raise CheckpointError(
-            f"{path}: not a HiFi-TSE checkpoint ({_one_line(str(err))[:200]})"
-        ) from None
+    """The generator of a checkpoint file (``Generator.from_checkpoint``)."""
+    return Generator.from_checkpoint(path, use_ema=use_ema)
 
 
 @dataclass
@@ -313,7 +375,10 @@ class Extractor:
         half: bool = False,
         window_seconds: float = WINDOW_SECONDS,
         overlap_seconds: float = OVERLAP_SECONDS,
+        ref_cache_size: int = REF_CACHE_SIZE,
     ) -> None:
+        if ref_cache_size < 0:
+            raise ValueError(f"ref_cache_size must be >= 0, got {ref_cache_size}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.sr = model.sample_rate
@@ -328,35 +393,40 @@ class Extractor:
         if half and self.device.type == "cuda":
             bf16 = torch.cuda.is_bf16_supported()
             self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+            if bf16 and not bf16_lstm_works(self.device):  # as train.py: some cuDNN builds
+                use_float32_lstms(self.model)
+                log.warning("bf16_lstm=unsupported device=%s: the LSTMs run in float32",
+                            self.device)
         elif half:
             log.warning("--half needs a CUDA device; running in float32 on %s", self.device)
-        self._refs: dict[Path, torch.Tensor] = {}
+        self.ref_cache_size = ref_cache_size
+        self._refs: OrderedDict[Path, torch.Tensor] = OrderedDict()  # least recently used first
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def reference(self, path: Path) -> torch.Tensor:
-        """The embedded reference (cached per path). Shape: (1, S, K, D)."""
-        if path in self._refs:
-            return self._refs[path]
-        with MonoReader(path) as reader:
-            max_frames = round(MAX_REF_SECONDS * reader.sr)
-            wave = np.concatenate(list(reader.blocks(max_frames)))
-            if reader.frames > max_frames:
-                log.warning("%s: using the first %.0f s of the reference", path, MAX_REF_SECONDS)
-            if wave.shape[0] < MIN_REF_SECONDS * reader.sr:
-                raise AudioError(
-                    f"{path}: reference is {wave.shape[0] / reader.sr:.2f} s long, "
-                    f"shorter than {MIN_REF_SECONDS:g} s"
-                )
-            if reader.sr != self.sr:
-                wave = soxr.resample(wave, reader.sr, self.sr).astype(np.float32, copy=False)
+    def _embed(self, wave: np.ndarray) -> torch.Tensor:
+        """The embedding of a checked reference at the model rate. Shape: (M,) -> (1, S, K, D)."""
+        wave = np.ascontiguousarray(wave, dtype=np.float32)
         ref = torch.from_numpy(wave).to(self.device)[None]  # (1, M)
         with torch.inference_mode(), self._autocast():
-            z_ref = self.model.encode_reference(ref)
+            return self.model.encode_reference(ref)
+
+    def reference(self, path: Path) -> torch.Tensor:
+        """The embedded reference of a file (``read_reference``); the ``ref_cache_size`` most
+        recently used ones are kept. Shape: (1, S, K, D)."""
+        if path in self._refs:
+            self._refs.move_to_end(path)
+            return self._refs[path]
+        wave, sr = read_reference(path)
+        if sr != self.sr:
+            wave = soxr.resample(wave, sr, self.sr).astype(np.float32, copy=False)
+        z_ref = self._embed(wave)
         self._refs[path] = z_ref
+        while len(self._refs) > self.ref_cache_size:
+            self._refs.popitem(last=False)
         return z_ref
 
     def _window(
@@ -372,6 +442,50 @@ class Extractor:
 
         return process
 
+    def _extract_stream(
+        self,
+        blocks: Iterable[np.ndarray],
+        n_samples: int,
+        total_energy: float,
+        z_ref: torch.Tensor,
+    ) -> Iterator[np.ndarray]:
+        """The target in a stream of exactly ``n_samples`` samples at the model rate whose
+        ``energy`` is ``total_energy``: overlapping windows, each divided and re-multiplied by
+        the one RMS of the whole stream, cross-faded (module docstring)."""
+        rms = math.sqrt(total_energy / n_samples) + RMS_EPS
+        scale = torch.full((1, 1), rms, dtype=torch.float32, device=self.device)
+        process = self._window(z_ref, scale)
+        return overlap_add(blocks, n_samples, process, window=self.window, overlap=self.overlap)
+
+    def extract_array(
+        self, mix: np.ndarray, ref: np.ndarray, *, ref_name: str | Path = "reference"
+    ) -> np.ndarray:
+        """The target in a mixture held in memory, given a reference held in memory, both mono
+        at the model rate: the reference check and encoding, windows and level of ``run``.
+
+        Memory beyond the two inputs and the output is bounded as in ``run``. ``ref_name``
+        names the reference in a refusal (``check_reference``).
+
+        Shape:
+            mix (N,), ref (M,) -> (N,) float32
+        """
+        ref = ref[: _reference_limit(ref.shape[0], self.sr, ref_name)]
+        check_reference(ref, self.sr, ref_name)
+        z_ref = self._embed(ref)
+        mix = np.asarray(mix, dtype=np.float32)
+        n_samples = mix.shape[0]
+        step = round(READ_BLOCK_SECONDS * self.sr)
+
+        def blocks() -> Iterator[np.ndarray]:  # views, as a file is read: no copy of the mix
+            return (mix[i : i + step] for i in range(0, n_samples, step))
+
+        out = np.empty(n_samples, dtype=np.float32)
+        done = 0
+        for part in self._extract_stream(blocks(), n_samples, sum(map(energy, blocks())), z_ref):
+            out[done : done + part.shape[0]] = part
+            done += part.shape[0]
+        return out
+
     def run(self, job: Job, *, keep_sr: bool = False) -> Result:
         """Extract ``job.mix`` given ``job.ref`` into ``job.out``; see the module docstring."""
         begin = time.perf_counter()
@@ -382,8 +496,8 @@ class Extractor:
             raise AudioError(f"{job.out}: unsupported audio format '{job.out.suffix}'")
         z_ref = self.reference(job.ref)
         with MonoReader(job.mix) as reader:
-            # Pass 1: length, finiteness and the one scale for every window.
-            n_in, sum_sq = 0, 0.0
+            # Pass 1: length, finiteness and the energy that sets the one scale of every window.
+            n_in, total_energy = 0, 0.0
 
             def counted() -> Iterator[np.ndarray]:
                 nonlocal n_in
@@ -392,16 +506,11 @@ class Extractor:
                     yield block
 
             for block in resample_stream(counted(), reader.sr, self.sr):
-                block64 = block.astype(np.float64)
-                sum_sq += float(np.dot(block64, block64))
+                total_energy += energy(block)
             n_model = resampled_length(n_in, reader.sr, self.sr)
-            rms = math.sqrt(sum_sq / n_model) + RMS_EPS
-            scale = torch.full((1, 1), rms, dtype=torch.float32, device=self.device)
             # Pass 2: windows through the model, streamed into the output file.
             mix = fit_length(resample_stream(reader.blocks(), reader.sr, self.sr), n_model)
-            est = overlap_add(
-                mix, n_model, self._window(z_ref, scale), window=self.window, overlap=self.overlap
-            )
+            est = self._extract_stream(mix, n_model, total_energy, z_ref)
             out_sr = reader.sr if keep_sr else self.sr
             if keep_sr:
                 est = fit_length(resample_stream(est, self.sr, out_sr), n_in)

@@ -1,5 +1,6 @@
 """inference.py: the three modes, formats and rates, lengths, windowed streaming against one pass,
-bounded buffering, one-line errors without leftovers, and refused pickles."""
+the in-memory entry point against the file one, bounded buffering and reference cache, refused
+voiceless references, one-line errors without leftovers, and refused pickles."""
 
 from __future__ import annotations
 
@@ -17,11 +18,14 @@ import torch
 
 import inference
 from config import load_config, model_kwargs
-from data.audio_utils import SAMPLE_RATE, load_audio
+from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
 from inference import (
+    MIN_REF_PEAK_DBFS,
+    REF_FRAME_SECONDS,
     Extractor,
     InferenceError,
     Job,
+    check_reference,
     fit_length,
     load_generator,
     main,
@@ -34,6 +38,10 @@ from models.generator import Generator
 REPO = Path(__file__).resolve().parents[1]
 RAVDESS = "speech/ravdess"
 FRAME = SAMPLE_RATE // 50  # 20 ms level frames
+# The extractor sums the level in float64, the generator in float32: one ulp apart, which the
+# untrained tiny network turns into ~1e-4 relative differences (93 dB SNR on the test file).
+# A wrong scale, a seam or a lost tail is tens of dB worse.
+SAME_AS_FORWARD_SNR_DB = 80.0
 
 
 def tiny_checkpoint(path: Path, *, seed: int = 0, ema_seed: int | None = None) -> Path:
@@ -248,6 +256,25 @@ def test_csv_mode(
     assert sf.info(tmp_path / "out" / "second.flac").format == "FLAC"
 
 
+def test_folder_mode_voiceless_reference_fails_its_pair_only(
+    ckpt: Path, audio: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder, out_dir = tmp_path / "triplets", tmp_path / "out"
+    folder.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(audio["mix"], folder / f"{name}-mixed.wav")
+    sf.write(folder / "a-ref.wav", np.zeros(2 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+    shutil.copy(audio["ref"], folder / "b-ref.flac")
+    code, stdout, err = run_cli(
+        ["--ckpt", ckpt, "--mix-dir", folder, "--ref-dir", folder, "--out-dir", out_dir], capsys
+    )
+    assert code == 1
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: {folder / 'a-ref.wav'}: no voice in the reference (")
+    assert stdout.count("RTF") == 1
+    assert sorted(p.name for p in out_dir.iterdir()) == ["b-extracted.wav"]
+
+
 def test_csv_without_columns_is_one_line_error(
     ckpt: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -268,17 +295,39 @@ def levels_db(x: np.ndarray) -> np.ndarray:
     return 10 * np.log10(np.mean(frames**2, axis=1) + 1e-12)
 
 
+def snr_db(estimate: np.ndarray, reference: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference**2) / np.sum((estimate - reference) ** 2)))
+
+
 def test_one_window_equals_forward(ckpt: Path, audio: dict[str, Path], tmp_path: Path) -> None:
+    """From a file and from memory, a recording that fits in one window comes out as
+    ``Generator.forward`` makes it (up to the last bit of the scale)."""
     model = load_generator(ckpt)
     out = tmp_path / "out.wav"
-    Extractor(model).run(Job(mix=audio["stereo_44k_24bit"], ref=audio["ref"], out=out))
+    extractor = Extractor(model)
+    extractor.run(Job(mix=audio["stereo_44k_24bit"], ref=audio["ref"], out=out))
     mix, ref = load_audio(audio["stereo_44k_24bit"]), load_audio(audio["ref"])
     with torch.inference_mode():
         expected = model(torch.from_numpy(mix)[None], torch.from_numpy(ref)[None])[0].numpy()
-    got, sr = sf.read(out, dtype="float32")
+    from_file, sr = sf.read(out, dtype="float32")
     assert sr == SAMPLE_RATE
-    assert got.shape == expected.shape
-    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max())
+    from_memory = extractor.extract_array(mix, ref)
+    for got in (from_file, from_memory):
+        assert got.shape == expected.shape
+        assert snr_db(got, expected) > SAME_AS_FORWARD_SNR_DB
+
+
+def test_extract_array_is_run_in_memory(
+    ckpt: Path, audio: dict[str, Path], tmp_path: Path
+) -> None:
+    """The same windows, cross-fades and level from memory as from a file: the same bits."""
+    extractor = Extractor(load_generator(ckpt), window_seconds=0.5, overlap_seconds=0.125)
+    job = Job(mix=audio["mix"], ref=audio["ref"], out=tmp_path / "out.wav")  # 1.5 s: 4 windows
+    extractor.run(job)
+    from_file, _ = sf.read(job.out, dtype="float32")
+    from_memory = extractor.extract_array(load_audio(audio["mix"]), load_audio(audio["ref"]))
+    assert from_memory.dtype == np.float32
+    np.testing.assert_array_equal(from_memory, from_file)
 
 
 @pytest.mark.slow
@@ -365,6 +414,37 @@ def test_cuda_without_cuda_is_one_line_error(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_reference_cache_keeps_the_most_recently_used(
+    ckpt: Path, audio: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A --ref-dir run keeps ``ref_cache_size`` embeddings, not one per reference it met."""
+    refs = [tmp_path / f"ref{i}.flac" for i in range(4)]
+    for ref in refs:
+        shutil.copy(audio["ref"], ref)
+    model = load_generator(ckpt)
+    encoded: list[int] = []
+    encode = model.encode_reference
+
+    def counted(ref: torch.Tensor) -> torch.Tensor:
+        encoded.append(ref.shape[-1])
+        return encode(ref)
+
+    monkeypatch.setattr(model, "encode_reference", counted)
+    extractor = Extractor(model, ref_cache_size=2)
+    first = extractor.reference(refs[0])
+    extractor.reference(refs[1])
+    assert extractor.reference(refs[0]) is first, "a hit is not recomputed"
+    extractor.reference(refs[2])  # drops refs[1], used less recently than refs[0]
+    assert list(extractor._refs) == [refs[0], refs[2]]
+    extractor.reference(refs[3])  # more distinct references than the cache holds
+    assert len(extractor._refs) == 2
+    assert len(encoded) == 4
+    extractor.reference(refs[3])
+    assert len(encoded) == 4, "the most recently used reference is still cached"
+    extractor.reference(refs[1])
+    assert len(encoded) == 5, "a dropped one is computed again"
+
+
 def test_half_on_cpu_warns_and_runs_fp32(ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         extractor = Extractor(load_generator(ckpt), device="cpu", half=True)
@@ -414,6 +494,12 @@ def make_bad(kind: str, tmp: Path, audio: dict[str, Path], ckpt: Path) -> dict[s
         args["ref"] = bad
     elif kind == "short ref":
         bad = args["ref"] = audio["short_ref"]
+    elif kind == "silent ref":
+        sf.write(bad, np.zeros(2 * SAMPLE_RATE, np.float32), SAMPLE_RATE)
+        args["ref"] = bad
+    elif kind == "dither ref":  # 16-bit dither and nothing else: no voice
+        sf.write(bad, dither(2 * SAMPLE_RATE), SAMPLE_RATE, subtype="PCM_16")
+        args["ref"] = bad
     elif kind == "missing ckpt":
         bad = args["ckpt"] = tmp / "none.pt"
     elif kind == "junk ckpt":
@@ -433,9 +519,45 @@ def make_bad(kind: str, tmp: Path, audio: dict[str, Path], ckpt: Path) -> dict[s
 
 BAD_KINDS = [
     "missing mix", "missing ref", "unreadable mix", "empty mix", "non-finite mix",
-    "non-finite ref", "short ref", "missing ckpt", "junk ckpt", "foreign ckpt",
-    "bad model_args", "pickle bomb",
+    "non-finite ref", "short ref", "silent ref", "dither ref", "missing ckpt", "junk ckpt",
+    "foreign ckpt", "bad model_args", "pickle bomb",
 ]
+
+
+def dither(n: int) -> np.ndarray:
+    """Triangular dither of one 16-bit step: what a silent 16-bit recording holds."""
+    rng = np.random.default_rng(0)
+    return ((rng.random(n) - rng.random(n)) / 2**15).astype(np.float32)
+
+
+def scaled_to_loudest_frame(wave: np.ndarray, dbfs: float) -> np.ndarray:
+    """``wave`` scaled so that its loudest ``REF_FRAME_SECONDS`` frame is at ``dbfs`` RMS."""
+    frame = round(REF_FRAME_SECONDS * SAMPLE_RATE)
+    frames = wave[: wave.shape[0] // frame * frame].reshape(-1, frame)  # (n_frames, frame)
+    loudest = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1).max())
+    return (wave * 10 ** (dbfs / 20) / loudest).astype(np.float32)
+
+
+def test_voiceless_references_are_refused(audio: dict[str, Path]) -> None:
+    """The rule: the loudest 100 ms decides, not the level of the whole file."""
+    speech = load_audio(audio["ref"])
+    check_reference(scaled_to_loudest_frame(speech, MIN_REF_PEAK_DBFS + 5), SAMPLE_RATE, "soft")
+    # A soft voice in 30 s of silence: under -60 dBFS over the whole file, and still a voice.
+    sparse = np.zeros(30 * SAMPLE_RATE, np.float32)
+    sparse[: speech.shape[0]] = scaled_to_loudest_frame(speech, MIN_REF_PEAK_DBFS + 10)
+    assert 10 * np.log10(np.mean(sparse.astype(np.float64) ** 2)) < MIN_REF_PEAK_DBFS
+    check_reference(sparse, SAMPLE_RATE, "sparse")
+    refused = {
+        "silence": np.zeros(2 * SAMPLE_RATE, np.float32),
+        "dither": dither(2 * SAMPLE_RATE),
+        "whisper": scaled_to_loudest_frame(speech, MIN_REF_PEAK_DBFS - 5),
+    }
+    for name, wave in refused.items():
+        with pytest.raises(AudioError, match=rf"^{name}: no voice in the reference \(") as err:
+            check_reference(wave, SAMPLE_RATE, name)
+        assert "the target cannot be identified from it" in str(err.value)
+    with pytest.raises(AudioError, match="digital silence"):
+        check_reference(refused["silence"], SAMPLE_RATE, "silence")
 
 
 @pytest.mark.parametrize("kind", BAD_KINDS)
