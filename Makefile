@@ -1,8 +1,15 @@
 # `make test` works on a fresh machine: it creates .venv, installs requirements, runs pytest.
+# PY=/path/to/python runs every target with that interpreter instead (a conda env, the one
+# running the tests) and then installs nothing: its environment must already hold
+# requirements.txt. INSTALL is the install prerequisite (the venv's stamp by default, empty
+# for another PY); `make demo PY=... INSTALL=` spells both out. Both are set on the command
+# line only (`:=`, not `?=`): autotools-style environments export INSTALL=install.
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
+VENV_PY := $(VENV)/bin/python
+PY := $(VENV_PY)
 STAMP := $(VENV)/.installed
+INSTALL := $(if $(filter $(VENV_PY),$(PY)),$(STAMP))
 
 .PHONY: test lint bench demo clean-venv
 
@@ -27,19 +34,19 @@ endif
 RAVDESS := $(abspath ../shared/data/speech/ravdess)
 
 $(STAMP): requirements.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --quiet --upgrade pip
+	$(VENV_PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
-test: $(STAMP)
+test: $(INSTALL)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(INSTALL)
 	$(PY) -m ruff check .
 
-demo: $(STAMP)
+demo: $(INSTALL)
 ifeq ($(DEMO),shared)
 	test -d $(RAVDESS) || { echo "$(RAVDESS) is missing" >&2; exit 1; }
 	mkdir -p $(DEMO_DIR)/train_speech $(DEMO_DIR)/test_speech
@@ -61,7 +68,7 @@ endif
 		--ref $(DEMO_DIR)/eval/examples/median_ref.wav -o $(DEMO_DIR)/extracted.wav
 	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --minutes $(DEMO_MINUTES)
 
-bench: $(STAMP)
+bench: $(INSTALL)
 	$(PY) bench/bench_model.py
 
 clean-venv:
