@@ -78,7 +78,9 @@ TRAIN_LINE = re.compile(r" INFO step=(\d+) .*?\bstep_time=(\S+) samples_per_s=(\
 
 
 def write_tiny_config(work: Path, steps: int) -> Path:
-    """tiny.yaml's model + the shared data packed into ``work`` + a short fp32 run in ``work``."""
+    """tiny.yaml's model (and its grad_checkpoint) + the shared data packed into ``work`` + a
+    short fp32 run in ``work``."""
+    tiny = yaml.safe_load(TINY_CONFIG.read_text())
     data = yaml.safe_load(DATA_CONFIG.read_text())["data"]
     data.update(
         manifest_dir=str(work / "manifests"),
@@ -88,7 +90,7 @@ def write_tiny_config(work: Path, steps: int) -> Path:
         n_val_samples=N_VAL_SAMPLES,
     )
     cfg = {
-        "model": yaml.safe_load(TINY_CONFIG.read_text())["model"],
+        "model": tiny["model"],
         "data": data,
         "optim": {"grad_accum": 1},
         "train": {
@@ -100,6 +102,7 @@ def write_tiny_config(work: Path, steps: int) -> Path:
             "precision": "fp32",
             "deterministic": False,
             "device": "cpu",
+            "grad_checkpoint": tiny["train"]["grad_checkpoint"],
         },
     }
     path = work / "train.yaml"
