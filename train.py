@@ -67,6 +67,19 @@ DDP_ARGS = inspect.signature(DDP.__init__).parameters
 RMS_FLOOR = 1e-8  # target norm floor of the logged rms_ratio (TA targets are all zeros)
 
 
+def log_events(path: Path, first_word: str = "step") -> list[dict[str, str]]:
+    """The ``key=value`` events of a train.log (doc/log_format.md) whose first word is
+    ``first_word``: ``step=N ...`` lines for "step", ``val step=N ...`` lines for "val"."""
+    rows = []
+    for line in path.read_text().splitlines():
+        event = line.split(" ", 3)[-1]  # drop date, time, level
+        if event.startswith(f"{first_word}="):
+            rows.append(dict(kv.split("=", 1) for kv in event.split() if "=" in kv))
+        elif event.startswith(f"{first_word} "):
+            rows.append(dict(kv.split("=", 1) for kv in event.split()[1:] if "=" in kv))
+    return rows
+
+
 class StepSampler(Sampler):
     """An endless stream of ``(index, ta_prob, noisy_ref_prob, sir_boost_db)`` for
     ``HiFiTSEDataset``.

@@ -76,6 +76,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import train  # noqa: E402
 from bench.bench_model import BUDGET_GIB  # noqa: E402
 from bench.report import machine, markdown_table, print_json, write_section  # noqa: E402
 from config import Config, LossConfig, load_config, model_kwargs  # noqa: E402
@@ -83,6 +84,7 @@ from data.audio_utils import SAMPLE_RATE  # noqa: E402
 from data.demo_corpus import coloured_noise, random_voice, synthesize  # noqa: E402
 from losses.separation import si_sdr_loss  # noqa: E402
 from models.generator import Generator  # noqa: E402
+from train import log_events  # noqa: E402
 
 RECIPE_CONFIG = REPO / "configs" / "hifi_tse.yaml"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -251,6 +253,20 @@ def build_generator(cfg: Config, *, grad_checkpoint: bool) -> tuple[Generator, d
     return model, kwargs
 
 
+def run_child(args: list[str], item: Item, variant: Variant, clock: Clock,
+              log_dir: Path) -> dict[str, Any] | None:
+    """This script with ``args`` in a child process; its last output line as JSON, or None
+    with the failure in ``item.message``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
+    proc = run_proc(cmd, name=item.key, clock=clock, timeout_s=TIMEOUT_S["fwd_bwd"],
+                    log_dir=log_dir, env=child_env(threads_per_process(1), variant))
+    lines = proc.out.strip().splitlines()
+    if proc.rc != 0 or not lines:
+        item.message = proc.failure()
+        return None
+    return json.loads(lines[-1])
+
+
 def fwd_bwd_child(variant: Variant, grad_checkpoint: bool) -> dict[str, Any]:
     """Forward+backward timings and peak memory of one configuration, as a JSON-able dict."""
     device = torch.device("cuda" if variant.name == "cuda" else "cpu")
@@ -311,15 +327,11 @@ def fwd_bwd_item(variant: Variant, grad_checkpoint: bool, clock: Clock, log_dir:
         item = Item("a_checkpointing", f"(a) {model} fwd+bwd {seconds}, bf16, checkpointing")
     else:
         item = Item("b_no_checkpointing", f"(b) {model} fwd+bwd {seconds}, bf16, no checkpointing")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-fwd-bwd",
-           "on" if grad_checkpoint else "off", *(["--cpu"] if variant.name == "cpu" else [])]
-    proc = run_proc(cmd, name=item.key, clock=clock, timeout_s=TIMEOUT_S["fwd_bwd"],
-                    log_dir=log_dir, env=child_env(threads_per_process(1), variant))
-    lines = proc.out.strip().splitlines()
-    if proc.rc != 0 or not lines:
-        item.message = proc.failure()
+    child = run_child(["--child-fwd-bwd", "on" if grad_checkpoint else "off",
+                       *(["--cpu"] if variant.name == "cpu" else [])], item, variant, clock,
+                      log_dir)
+    if child is None:
         return item
-    child = json.loads(lines[-1])
     item.numbers = {k: round(v, 4) if isinstance(v, float) else v for k, v in child.items()
                     if k not in ("ok", "message")}
     if not child["ok"]:
@@ -344,8 +356,6 @@ def sync_child() -> dict[str, Any]:
     """train.py's ``micro_step`` (tiny model, GAN phase with its generator terms, one TA item in
     the batch) under ``torch.cuda.set_sync_debug_mode("error")``: any op that makes the host
     wait for the GPU (``.item()``, boolean indexing, ``tp.any()``) raises, naming itself."""
-    import train  # only here: the parent process never builds train.py's networks
-
     device = torch.device("cuda")
     cfg = load_config(TINY_CONFIG, ["optim.grad_accum=2", "gan.enabled=true",
                                     "gan.start_step=0", "gan.d_warmup_steps=0",
@@ -378,14 +388,9 @@ def sync_item(variant: Variant, clock: Clock, log_dir: Path) -> Item:
     if variant.name == "cpu":
         item.passed, item.message = None, "skipped (CUDA only)"
         return item
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-sync"]
-    proc = run_proc(cmd, name=item.key, clock=clock, timeout_s=TIMEOUT_S["fwd_bwd"],
-                    log_dir=log_dir, env=child_env(threads_per_process(1), variant))
-    lines = proc.out.strip().splitlines()
-    if proc.rc != 0 or not lines:
-        item.message = proc.failure()
+    child = run_child(["--child-sync"], item, variant, clock, log_dir)
+    if child is None:
         return item
-    child = json.loads(lines[-1])
     item.passed, item.message = child["ok"], child.get("message", "")
     return item
 
@@ -458,18 +463,6 @@ def prepare_item(variant: Variant, work: Path, clock: Clock, log_dir: Path) -> I
 # ---------------------------------------------------------------------------------------------
 
 
-def log_rows(log: Path, first_word: str = "step") -> list[dict[str, str]]:
-    """The key=value events of train.log that start with ``first_word`` (doc/log_format.md)."""
-    rows = []
-    for line in log.read_text().splitlines():
-        event = line.split(" ", 3)[-1]  # drop date, time, level
-        if event.startswith(f"{first_word}="):
-            rows.append(dict(kv.split("=", 1) for kv in event.split() if "=" in kv))
-        elif event.startswith(f"{first_word} "):
-            rows.append(dict(kv.split("=", 1) for kv in event.split()[1:] if "=" in kv))
-    return rows
-
-
 def nonfinite_terms(rows: list[dict[str, str]]) -> list[str]:
     """``step=N key=value`` for every loss term that is not a finite number (or is missing:
     the total is on every line)."""
@@ -527,7 +520,7 @@ def train_item(variant: Variant, work: Path, clock: Clock, log_dir: Path, *, pre
                     log_dir=log_dir, env=child_env(threads_per_process(n_proc), variant))
     item.numbers["wall_s"] = round(proc.seconds, 1)
     log = run_dir / "train.log"
-    rows = log_rows(log) if log.is_file() else []
+    rows = log_events(log) if log.is_file() else []
     if log.is_file():
         shutil.copyfile(log, log_dir / f"{key}.train.log")
     times = [float(r["step_time"]) for r in rows if "step_time" in r]
@@ -538,7 +531,7 @@ def train_item(variant: Variant, work: Path, clock: Clock, log_dir: Path, *, pre
     if rows:
         item.numbers["nonfinite_updates"] = int(rows[-1].get("nonfinite", 0))
         item.numbers["last_loss"] = rows[-1].get("loss")
-    vals = log_rows(log, "val") if log.is_file() else []
+    vals = log_events(log, "val") if log.is_file() else []
     if vals:
         item.numbers["val_n_ta"] = vals[-1].get("n_ta")
 
@@ -562,7 +555,7 @@ def train_item(variant: Variant, work: Path, clock: Clock, log_dir: Path, *, pre
             return item
         # train.py's own check at every periodic checkpoint: a fingerprint (sum and sum of
         # squares of every generator and discriminator tensor) compared across the ranks.
-        checks = log_rows(log, "ranks")
+        checks = log_events(log, "ranks")
         if not checks:
             item.message = "train.py logged no `ranks ... in_sync=` line"
             return item

@@ -51,15 +51,8 @@ def write_config(path: Path, data: dict, **sections: dict) -> Path:
 
 
 def log_lines(run_dir: Path, first_word: str = "step") -> list[dict[str, str]]:
-    """Parse the key=value lines of train.log that start with ``first_word``."""
-    rows = []
-    for line in (run_dir / "train.log").read_text().splitlines():
-        event = line.split(" ", 3)[-1]  # drop date, time, level
-        if event.startswith(f"{first_word}="):
-            rows.append(dict(kv.split("=", 1) for kv in event.split() if "=" in kv))
-        elif event.startswith(f"{first_word} "):
-            rows.append(dict(kv.split("=", 1) for kv in event.split()[1:] if "=" in kv))
-    return rows
+    """The key=value events of the run's train.log that start with ``first_word``."""
+    return train.log_events(run_dir / "train.log", first_word)
 
 
 @pytest.mark.slow
