@@ -3,7 +3,7 @@
 Every default lives in the dataclasses below; a YAML file holds only what differs from them;
 ``--set section.key=value`` overrides either. An unknown key or a value of the wrong type is an
 error that names it. Modules never see a ``Config``: callers unpack the section they need,
-e.g. ``Generator(**model_kwargs(cfg))``.
+e.g. ``build_model(model_kwargs(cfg))``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from models import registry
+from models.generator import HiFiTSEArgs
 
 SAMPLE_RATE = 48_000  # every signal inside HiFi-TSE is mono 48 kHz
 
@@ -35,24 +38,6 @@ class StftConfig:
     n_fft: int = 2048  # 1025 bins, 23.4 Hz each
     win_length: int = 960  # 20 ms Hann window
     hop_length: int = 480  # 10 ms
-
-
-@dataclass
-class ModelConfig:
-    feature_dim: int = 128
-    # (f_low_hz, f_high_hz, n_bands): equal-width bands per region. The recipe's 10 + 28 + 15 = 53
-    # bands are fine (100 Hz) below 1 kHz, medium (250 Hz) to 8 kHz, coarse (~1.07 kHz) above.
-    band_regions: list[list[float]] = field(
-        default_factory=lambda: [[0.0, 1000.0, 10], [1000.0, 8000.0, 28], [8000.0, 24000.0, 15]]
-    )
-    band_overlap: float = 0.25  # each band reaches this fraction of its width into its neighbours
-    n_blocks: int = 6
-    lstm_hidden: int = 256
-    n_heads: int = 4
-    qk_per_band: int = 4  # query/key channels per band and head (TFGridNetV3 style)
-    mask_hidden: int = 64  # hidden width of each band's mask MLP (keeps the recipe near 12 M)
-    reinject_at: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    use_film: bool = True
 
 
 @dataclass
@@ -115,6 +100,11 @@ class LossConfig:
     multi_res_stft: float = 0.0
     l1: float = 0.0
     amplitude: float = 0.0
+    # Terms that only some families' auxiliary outputs feed (models/registry.py); a non-zero
+    # weight with another family is an error at load.
+    si_sdr_middle: float = 0.0  # SpEx+: negative SI-SDR of the middle-scale decoder
+    si_sdr_long: float = 0.0  # SpEx+: negative SI-SDR of the long-scale decoder
+    speaker_ce: float = 0.0  # cross-entropy of a speaker-classification head on the reference
 
 
 @dataclass
@@ -191,7 +181,9 @@ class EvalConfig:
 @dataclass
 class Config:
     stft: StftConfig = field(default_factory=StftConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # The chosen family's arguments (models/registry.py); the YAML section holds ``arch`` and
+    # that family's keys.
+    model: Any = field(default_factory=HiFiTSEArgs)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -201,8 +193,9 @@ class Config:
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
-    """Keyword arguments of ``Generator``: the STFT and the model sections, as plain values."""
-    return {**asdict(cfg.stft), **asdict(cfg.model)}
+    """``{"arch": family, **constructor keywords}`` of the configured model: what
+    ``models.registry.build_model`` builds and what a checkpoint stores as ``model_args``."""
+    return registry.model_args(cfg.model, asdict(cfg.stft))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +266,11 @@ def check_ranges(cfg: Config) -> None:
             raise ConfigError(f"config key '{name}': expected [low, high], got {value!r}")
         if value[0] > value[1]:
             raise ConfigError(f"config key '{name}': low {value[0]} is above high {value[1]}")
+    family = registry.family(registry.arch_of(cfg.model))
+    for term, weight in asdict(cfg.loss).items():
+        if weight and term in registry.AUX_TERMS and term not in family.aux_terms:
+            raise ConfigError(f"config key 'loss.{term}': arch {family.name} has no such output "
+                              f"(only {', '.join(family.aux_terms) or 'the estimate'})")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(
@@ -280,15 +278,29 @@ def check_ranges(cfg: Config) -> None:
         )
 
 
+def _set_arch(cfg: Config, value: Any) -> None:
+    """``model.arch``: another family replaces the model section by that family's defaults."""
+    try:
+        fam = registry.family(_check(value, str, "model.arch"))
+    except ValueError as err:
+        raise ConfigError(f"config key 'model.arch': {err}") from None
+    if type(cfg.model) is not fam.args:
+        cfg.model = fam.args()
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     section, key = MOVED_KEYS.get((section, key), (section, key))
     sections = _section_types(Config)
     if section not in sections:
         raise ConfigError(f"unknown config section '{section}' (known: {', '.join(sections)})")
+    if (section, key) == ("model", registry.ARCH_KEY):
+        _set_arch(cfg, value)
+        return
     sub = getattr(cfg, section)
     fields = _section_types(type(sub))
     if key not in fields:
-        raise ConfigError(f"unknown config key '{section}.{key}'")
+        family = f" (not an argument of arch {registry.arch_of(sub)})" if section == "model" else ""
+        raise ConfigError(f"unknown config key '{section}.{key}'{family}")
     setattr(sub, key, _check(value, fields[key], f"{section}.{key}"))
 
 
@@ -300,6 +312,8 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
             continue
         if not isinstance(values, dict):
             raise ConfigError(f"config section '{section}' must be a mapping, got {values!r}")
+        if section == "model" and registry.ARCH_KEY in values:  # the family first, then its keys
+            values = {registry.ARCH_KEY: values[registry.ARCH_KEY], **values}
         for key, value in values.items():
             _apply(cfg, section, key, value)
     check_ranges(cfg)
@@ -339,7 +353,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    return asdict(cfg)
+    """Nested plain values; the model section starts with its ``arch``."""
+    raw = asdict(cfg)
+    raw["model"] = {registry.ARCH_KEY: registry.arch_of(cfg.model), **raw["model"]}
+    return raw
 
 
 def dump_config(cfg: Config) -> str:

@@ -88,6 +88,7 @@ from data.manifest import ManifestError
 from inference import Extractor, InferenceError, read_reference, resolve_device
 from losses.separation import si_sdr, si_sdr_improvement, ta_suppression_db
 from models.generator import CheckpointError, Generator, read_checkpoint
+from models.registry import model_from_payload
 
 log = logging.getLogger("evaluate")
 
@@ -876,7 +877,7 @@ def load_checkpoint(args: argparse.Namespace) -> Checkpoint:
     ckpt = read_checkpoint(args.ckpt)
     cfg = resolve_config(args, ckpt.get("config"))
     use_ema = not args.no_ema and cfg.eval.use_ema and ckpt.get("ema") is not None
-    model = Generator.from_payload(ckpt, use_ema=use_ema, name=str(args.ckpt))
+    model = model_from_payload(ckpt, use_ema=use_ema, name=str(args.ckpt))
     return Checkpoint(model=model, cfg=cfg, use_ema=use_ema, step=ckpt.get("step"))
 
 

@@ -72,6 +72,7 @@ import torch
 
 from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
 from models.generator import RMS_EPS, CheckpointError, Generator
+from models.registry import load_model
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_generator(path: Path, *, use_ema: bool = True) -> Generator:
     """The generator of a checkpoint file (``Generator.from_checkpoint``)."""
-    return Generator.from_checkpoint(path, use_ema=use_ema)
+    return load_model(path, use_ema=use_ema)
 
 
 @dataclass

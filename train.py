@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
@@ -37,6 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
+from data.audio_utils import STFT
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
 from losses.adversarial import (
     discriminator_loss,
@@ -55,13 +57,14 @@ from losses.separation import (
 )
 from losses.stft_loss import MultiResolutionSTFTLoss, amplitude_loss, waveform_l1_loss
 from models.discriminator import HiFiGANDiscriminator
-from models.generator import Generator, current_model_args
+from models.registry import build_model, normalised_args
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
 log = logging.getLogger("train")
 CKPT_PREFIX = "step_"
 LOG_ONLY_TERMS = ("loss", "rms_ratio", "disc", "adv", "feat_match")  # logged, not weighted
-TA_TERMS = ("ta_energy",)  # averaged over target-absent items; every other term over TP items
+TA_TERMS = ("ta_energy",)  # averaged over target-absent items
+ALL_ITEM_TERMS = ("speaker_ce",)  # over every item (the reference's speaker); the rest: TP items
 GAN_BETAS = (0.8, 0.99)  # HiFi-GAN's AdamW betas for the discriminators
 DDP_ARGS = inspect.signature(DDP.__init__).parameters
 RMS_FLOOR = 1e-8  # target norm floor of the logged rms_ratio (TA targets are all zeros)
@@ -197,13 +200,14 @@ class Nets:
     """What a training step updates. ``gen_ddp`` / ``disc_ddp`` are the DDP wrappers under
     torchrun and the plain modules otherwise; the plain modules are what is saved."""
 
-    generator: Generator
-    ema: Generator | None
+    generator: nn.Module  # any registered family (models/registry.py)
+    ema: nn.Module | None
     opt_g: torch.optim.Optimizer
     disc: HiFiGANDiscriminator | None
     opt_d: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler
     mr_stft: MultiResolutionSTFTLoss
+    stft: STFT  # the stft section's: spectral losses and TensorBoard images, for any family
     gen_ddp: nn.Module
     disc_ddp: nn.Module | None
 
@@ -211,7 +215,7 @@ class Nets:
 def build_nets(cfg: Config, device: torch.device) -> Nets:
     """Generator (+ EMA), discriminator when the GAN phase is configured, optimisers, scaler.
     Call ``torch.manual_seed`` first: every rank must build the same initial weights."""
-    generator = Generator(**model_kwargs(cfg)).to(device)
+    generator = build_model(model_kwargs(cfg)).to(device)
     generator.grad_checkpoint = cfg.train.grad_checkpoint
     opt_g = torch.optim.AdamW(
         generator.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
@@ -227,6 +231,8 @@ def build_nets(cfg: Config, device: torch.device) -> Nets:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     return Nets(generator=generator, ema=ema, opt_g=opt_g, disc=disc, opt_d=opt_d,
                 scaler=scaler, mr_stft=MultiResolutionSTFTLoss().to(device),
+                stft=STFT(n_fft=cfg.stft.n_fft, win_length=cfg.stft.win_length,
+                          hop_length=cfg.stft.hop_length).to(device),
                 gen_ddp=generator, disc_ddp=disc)
 
 
@@ -247,10 +253,15 @@ def loss_weights(cfg: Config) -> dict[str, float]:
 
 
 def loss_terms(
-    est: torch.Tensor, batch: dict[str, torch.Tensor], nets: Nets, weights: dict[str, float]
+    est: torch.Tensor,
+    batch: dict[str, torch.Tensor],
+    nets: Nets,
+    weights: dict[str, float],
+    aux: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every weighted term; TP terms average over target-present items, the TA term over
-    target-absent ones (masked means: no branch or host sync on what the batch holds)."""
+    target-absent ones (masked means: no branch or host sync on what the batch holds).
+    ``aux``: a family's auxiliary outputs (models/registry.py), for its own terms."""
     target, mix = batch["target"], batch["mix"]
     tp = (~batch["is_ta"]).float()
     terms = {"si_sdr": si_sdr_loss(est, target, weights=tp),
@@ -258,7 +269,7 @@ def loss_terms(
              "level": level_loss(est, target, weights=tp),
              "ta_energy": ta_energy_loss(est, mix, weights=1 - tp)}
     if weights["phase_sensitive"] or weights["amplitude"]:
-        stft = nets.generator.stft
+        stft = nets.stft
         est_spec, target_spec = stft(est), stft(target)
         terms["phase_sensitive"] = phase_sensitive_loss(est_spec, target_spec, weights=tp)
         terms["amplitude"] = amplitude_loss(est_spec, target_spec, weights=tp)
@@ -266,6 +277,15 @@ def loss_terms(
         terms["multi_res_stft"] = nets.mr_stft(est, target, weights=tp)
     if weights["l1"]:
         terms["l1"] = waveform_l1_loss(est, target, weights=tp)
+    for scale in ("middle", "long"):  # SpEx+'s extra decoders
+        if f"est_{scale}" in (aux or {}):
+            terms[f"si_sdr_{scale}"] = si_sdr_loss(aux[f"est_{scale}"].float(), target, weights=tp)
+    if "speaker_logits" in (aux or {}):
+        # The head classifies the reference, whose speaker is known for TA items too.
+        labels = batch["speaker_class"]
+        ce = F.cross_entropy(aux["speaker_logits"].float(), labels.clamp(min=0),
+                             reduction="none")
+        terms["speaker_ce"] = weighted_mean(ce, (labels >= 0).float())
     return terms
 
 
@@ -276,6 +296,7 @@ def weighted_sum(
     batch makes the total a per-item mean (20 % TA items weigh 20 %, not 50 %)."""
     ta_share = is_ta.float().mean()
     share = {k: ta_share if k in TA_TERMS else 1 - ta_share for k in terms}
+    share.update({k: 1.0 for k in ALL_ITEM_TERMS if k in terms})
     return sum(w * share[k] * terms[k] for k, w in weights.items() if w and k in terms)
 
 
@@ -340,9 +361,9 @@ def micro_step(
     n_tp, n_ta = tp.sum(), (1 - tp).sum()
     with ddp_sync(nets, sync=(step + 1) % accum == 0):
         with autocast:
-            est = nets.gen_ddp(batch["mix"], batch["ref"])
+            est, aux = nets.gen_ddp(batch["mix"], batch["ref"], with_aux=True)
         est = est.float()
-        terms = loss_terms(est, batch, nets, weights)
+        terms = loss_terms(est, batch, nets, weights, aux)
         loss = weighted_sum(terms, batch["is_ta"], weights)
         if gan_w is not None:
             # ---- GAN phase: the discriminator on real targets vs detached estimates
@@ -377,7 +398,8 @@ def micro_step(
     terms["rms_ratio"] = weighted_mean(ratio, tp)
     step_log.add("loss", loss, torch.ones_like(n_tp) * tp.numel())
     for k, v in terms.items():
-        step_log.add(k, v, n_ta if k in TA_TERMS else n_tp)
+        count = n_ta if k in TA_TERMS else (n_tp + n_ta if k in ALL_ITEM_TERMS else n_tp)
+        step_log.add(k, v, count)
     step_log.micro_steps += 1
 
 
@@ -512,7 +534,6 @@ def main(argv: list[str] | None = None) -> None:
             handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")],
             force=True,
         )
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     else:
         logging.basicConfig(level=logging.WARNING, force=True)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -520,6 +541,13 @@ def main(argv: list[str] | None = None) -> None:
         # time step's barrier, and a step then takes 10-40x longer (measured on 2 cores).
         cores = max(1, (os.cpu_count() or 1) // world)
         torch.set_num_threads(max(1, cores - cfg.data.num_workers))
+    train_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "train", rank=rank))
+    if getattr(cfg.model, "n_speakers", None) == 0 and cfg.loss.speaker_ce:
+        # A classification head over the training speakers (the batch's speaker_class): its
+        # size comes from the data, and the resolved config and model_args record it.
+        cfg.model.n_speakers = len(train_set.speech.speaker_names)
+    if master:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -549,7 +577,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"error: {resume}: no such checkpoint")
     if resume.is_file():
         ckpt = torch.load(resume, map_location=device, weights_only=True)
-        if current_model_args(ckpt["model_args"]) != margs:
+        if normalised_args(ckpt["model_args"]) != margs:
             sys.exit(f"error: {resume}: its model section differs from the config's")
         generator.load_state_dict(ckpt["generator"])
         if ema is not None and ckpt.get("ema") is not None:
@@ -579,7 +607,6 @@ def main(argv: list[str] | None = None) -> None:
     # Data: the stream position is the step (see StepSampler)
     # ---------------------------------------------------------------------------------------
     batch_size = cfg.train.batch_size
-    train_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "train", rank=rank))
     loader_args = {
         "batch_size": batch_size,
         "num_workers": cfg.data.num_workers,
@@ -633,7 +660,7 @@ def main(argv: list[str] | None = None) -> None:
                     writer.add_audio(f"val{i}/{name}", (wave / max(peak, 1.0)).cpu()[None],
                                      step, sample_rate=cfg.stft.sample_rate)
                     if name != "ref":
-                        spec = generator.stft(wave[None].float())[0].abs()
+                        spec = nets.stft(wave[None].float())[0].abs()
                         image = (20 * torch.log10(spec + 1e-5)).clamp(min=-100).flip(0)
                         image = (image - image.min()) / (image.max() - image.min() + 1e-9)
                         writer.add_image(f"val{i}/{name}_spec", image.cpu(), step,

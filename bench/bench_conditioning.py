@@ -25,7 +25,7 @@ from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from losses.separation import si_sdr_improvement
-from models.generator import Generator
+from models.registry import load_model
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     if len({item["speaker"] for item in items}) < 2:
         sys.exit(f"{args.config}: the first {args.n_samples} validation samples hold fewer than "
                  "two target-present speakers; raise --n-samples")
-    model = Generator.from_checkpoint(args.ckpt).eval()
+    model = load_model(args.ckpt).eval()
     # Each sample borrows the reference of the next sample (cyclically) whose speaker differs.
     wrong = [
         next(other for other in items[i + 1:] + items[:i] if other["speaker"] != item["speaker"])

@@ -42,7 +42,7 @@ from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config, model_kwargs
 from data.audio_utils import SAMPLE_RATE, load_audio
 from inference import OVERLAP_SECONDS, WINDOW_SECONDS, Extractor, Job, load_generator
-from models.generator import Generator
+from models.registry import build_model, checkpoint_payload
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -135,10 +135,10 @@ def main() -> None:
         for name, cfg_path in CONFIGS.items():
             cfg = load_config(cfg_path)
             torch.manual_seed(0)
-            model = Generator(**model_kwargs(cfg))
+            model = build_model(model_kwargs(cfg))
             n_params[name] = sum(p.numel() for p in model.parameters())
             ckpts[name] = tmp / f"{name}.pt"
-            torch.save(model.checkpoint_payload(model_kwargs(cfg)) | {"ema": None}, ckpts[name])
+            torch.save(checkpoint_payload(model, model_kwargs(cfg)) | {"ema": None}, ckpts[name])
         for model_name, seconds, measures in cases:
             mix_path = tmp / f"mix_{seconds}s.wav"
             if not mix_path.exists():

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config, model_kwargs
 from models.generator import Generator
+from models.registry import build_model
 
 SEGMENT_SECONDS = 4.0
 GIB = 1024**3
@@ -95,7 +96,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cfg = load_config(args.config)
-    model = Generator(**model_kwargs(cfg))
+    model = build_model(model_kwargs(cfg))
     n_params = sum(p.numel() for p in model.parameters())
     n_samples = round(SEGMENT_SECONDS * cfg.stft.sample_rate)
     mix1, ref1 = torch.randn(1, n_samples), torch.randn(1, n_samples)

@@ -56,7 +56,7 @@ import train  # noqa: E402
 from bench.report import machine, markdown_table, print_json, write_section  # noqa: E402
 from config import load_config, model_kwargs  # noqa: E402
 from data.prepare_manifest import prepare  # noqa: E402
-from models.generator import Generator  # noqa: E402
+from models.registry import build_model  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 RECIPE_CONFIG = REPO / "configs" / "hifi_tse.yaml"
@@ -271,7 +271,7 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     recipe = run_recipe(args.threads)
     recipe_s = recipe["step_times"][-1]
-    tiny_params = sum(p.numel() for p in Generator(**model_kwargs(tiny_cfg)).parameters())
+    tiny_params = sum(p.numel() for p in build_model(model_kwargs(tiny_cfg)).parameters())
 
     batch = tiny_cfg.train.batch_size
     rows = [

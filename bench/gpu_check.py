@@ -72,6 +72,7 @@ import numpy as np
 import soundfile as sf
 import torch
 import yaml
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -83,7 +84,7 @@ from config import Config, LossConfig, load_config, model_kwargs  # noqa: E402
 from data.audio_utils import SAMPLE_RATE  # noqa: E402
 from data.demo_corpus import coloured_noise, random_voice, synthesize  # noqa: E402
 from losses.separation import si_sdr_loss  # noqa: E402
-from models.generator import Generator  # noqa: E402
+from models.registry import build_model, checkpoint_payload  # noqa: E402
 from train import log_events  # noqa: E402
 
 RECIPE_CONFIG = REPO / "configs" / "hifi_tse.yaml"
@@ -244,11 +245,11 @@ def threads_per_process(n_processes: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_generator(cfg: Config, *, grad_checkpoint: bool) -> tuple[Generator, dict[str, Any]]:
+def build_generator(cfg: Config, *, grad_checkpoint: bool) -> tuple[nn.Module, dict[str, Any]]:
     """``cfg``'s generator with gradient checkpointing on or off (``train.grad_checkpoint``),
     and the keyword arguments it was built with (what a checkpoint's ``model_args`` holds)."""
     kwargs = model_kwargs(cfg)
-    model = Generator(**kwargs)
+    model = build_model(kwargs)
     model.grad_checkpoint = grad_checkpoint
     return model, kwargs
 
@@ -609,7 +610,7 @@ def inference_item(variant: Variant, work: Path, clock: Clock, log_dir: Path) ->
     torch.manual_seed(0)
     model, kwargs = build_generator(cfg, grad_checkpoint=False)
     ckpt = work / "inference.pt"
-    torch.save(model.checkpoint_payload(kwargs) | {"ema": None}, ckpt)
+    torch.save(checkpoint_payload(model, kwargs) | {"ema": None}, ckpt)
     mix, ref = write_inference_inputs(work, variant.inference_seconds)
     out = work / "extracted.wav"
     cmd = [sys.executable, "inference.py", "--ckpt", str(ckpt), "--mix", str(mix), "--ref",

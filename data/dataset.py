@@ -122,7 +122,9 @@ class HiFiTSEDataset(Dataset):
     Items are dicts of float32 tensors ``mix`` (N,), ``target`` (N,), ``ref`` (R,) with N =
     ``segment_seconds`` and R = ``ref_seconds`` at 48 kHz, plus metadata that collates with the
     default ``collate_fn``: ``is_ta``, ``ref_noisy`` (bool), ``n_interferers``, ``n_corrupt``,
-    ``index`` (int), ``snr_db``, ``speed`` (float), ``speaker``, ``target_utt``, ``ref_utt``,
+    ``index``, ``speaker_class`` (int: the reference speaker's index in the split's sorted
+    speaker list on the training split, -1 elsewhere), ``snr_db``, ``speed`` (float),
+    ``speaker``, ``target_utt``, ``ref_utt``,
     ``interferer_utts``, ``rir_ids``, ``noise_id`` (str; several ids joined by ``|``).
     With ``return_components`` the item also holds ``comp_target`` (N,) (the target as heard
     in the mixture, zeros for TA), ``comp_interferers`` (K, N) and ``comp_noise`` (N,), which
@@ -395,6 +397,9 @@ class HiFiTSEDataset(Dataset):
             "snr_db": snr,
             "speed": speed_t,
             "speaker": self.speech.speaker_names[spk_t],
+            # The reference speaker's class among the sorted training speakers, for families
+            # with a speaker-classification head; unseen (validation) speakers have none.
+            "speaker_class": spk_t if self.split == "train" else -1,
             "target_utt": "" if is_ta else self.speech.key(utt_t),
             "ref_utt": self.speech.key(utt_ref),
             "interferer_utts": _ID_SEP.join(self.speech.key(u) for u in utt_int),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,26 @@ def rms_scale(wave: torch.Tensor) -> torch.Tensor:
     return wave.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS
 
 
+@dataclass
+class HiFiTSEArgs:
+    """The generator's arguments besides the STFT (the ``model`` section of ``arch: hifi_tse``)."""
+
+    feature_dim: int = 128
+    # (f_low_hz, f_high_hz, n_bands): equal-width bands per region. The recipe's 10 + 28 + 15 = 53
+    # bands are fine (100 Hz) below 1 kHz, medium (250 Hz) to 8 kHz, coarse (~1.07 kHz) above.
+    band_regions: list[list[float]] = field(
+        default_factory=lambda: [[0.0, 1000.0, 10], [1000.0, 8000.0, 28], [8000.0, 24000.0, 15]]
+    )
+    band_overlap: float = 0.25  # each band reaches this fraction of its width into its neighbours
+    n_blocks: int = 6
+    lstm_hidden: int = 256
+    n_heads: int = 4
+    qk_per_band: int = 4  # query/key channels per band and head (TFGridNetV3 style)
+    mask_hidden: int = 64  # hidden width of each band's mask MLP (keeps the recipe near 12 M)
+    reinject_at: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    use_film: bool = True
+
+
 # Constructor arguments that checkpoints written by earlier versions carry and the generator no
 # longer takes (grad_checkpoint is now train.grad_checkpoint).
 LEGACY_MODEL_ARGS = ("grad_checkpoint",)
@@ -47,7 +68,7 @@ class CheckpointError(ValueError):
     """A file that is not a usable HiFi-TSE checkpoint; the message names the file."""
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     """A checkpoint loader's message on one line, without torch's advice to unpickle anyway."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colour codes
     unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
@@ -77,7 +98,7 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
             path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
         )
     except Exception as err:  # torch raises many types for a non-checkpoint file
-        raise CheckpointError(_one_line(f"{path}: not a loadable checkpoint ({err})")) from None
+        raise CheckpointError(one_line(f"{path}: not a loadable checkpoint ({err})")) from None
     if not isinstance(ckpt, dict) or "model_args" not in ckpt or "generator" not in ckpt:
         raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
     return ckpt
@@ -151,9 +172,16 @@ class Generator(nn.Module):
             z = self.reinject[str(i)](z, z_ref)
         return self.blocks[i](z)
 
-    def forward(self, mix: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        """Shape: mix (B, N), ref (B, M) -> (B, N); ``extract(mix, encode_reference(ref))``."""
-        return self.extract(mix, self.encode_reference(ref))
+    def forward(
+        self, mix: torch.Tensor, ref: torch.Tensor, *, with_aux: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``extract(mix, encode_reference(ref))``; with ``with_aux``, ``(estimate, {})``: the
+        generator has no auxiliary outputs (see models/registry.py).
+
+        Shape: mix (B, N), ref (B, M) -> (B, N)
+        """
+        est = self.extract(mix, self.encode_reference(ref))
+        return (est, {}) if with_aux else est
 
     def encode_reference(self, ref: torch.Tensor) -> torch.Tensor:
         """Embed the reference once; ``extract`` reuses it for any number of mixture windows.
@@ -192,34 +220,3 @@ class Generator(nn.Module):
                 z = self._block(i, z, z_ref)
         est_spec = self.decoder(z, mix_spec)  # (B, F, T) complex
         return self.stft.inverse(est_spec, n_samples) * scale
-
-    @classmethod
-    def from_checkpoint(cls, path: str | Path, *, use_ema: bool = True) -> Generator:
-        """Rebuild the generator from a checkpoint file that carries its ``model_args``."""
-        path = Path(path)
-        return cls.from_payload(read_checkpoint(path), use_ema=use_ema, name=str(path))
-
-    @classmethod
-    def from_payload(
-        cls, ckpt: dict[str, Any], *, use_ema: bool = True, name: str = "checkpoint"
-    ) -> Generator:
-        """The generator a checkpoint dict (``read_checkpoint``) describes, with its EMA weights
-        when ``use_ema`` and it has them, else the raw ones; errors name ``name``. A caller that
-        needs more of the checkpoint (evaluate.py: its config and step) reads the file once."""
-        try:
-            model = cls(**current_model_args(ckpt["model_args"]))
-        except (TypeError, ValueError, KeyError, AttributeError) as err:
-            raise CheckpointError(
-                f"{name}: not a HiFi-TSE checkpoint (model_args: {_one_line(str(err))[:200]})"
-            ) from None
-        state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["generator"]
-        try:
-            model.load_state_dict(state)
-        except (TypeError, RuntimeError) as err:  # e.g. written by an older generator version
-            first = str(err).strip().splitlines()[0]
-            raise CheckpointError(f"{name}: weights do not fit this generator ({first})") from None
-        return model
-
-    def checkpoint_payload(self, model_args: dict[str, Any]) -> dict[str, Any]:
-        """The minimal checkpoint dict ``from_checkpoint`` understands."""
-        return {"model_args": dict(model_args), "generator": self.state_dict()}

@@ -9,8 +9,9 @@ import pytest
 import torch
 import yaml
 
-from config import Config, ConfigError, dump_config, from_dict, load_config, model_kwargs
-from models.generator import Generator
+from config import ConfigError, dump_config, from_dict, load_config, model_kwargs
+from models import registry
+from models.registry import build_model, checkpoint_payload, load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -32,10 +33,12 @@ def test_grad_checkpoint_moved_to_train_and_old_places_still_load(tmp_path: Path
     assert load_config(None, ["model.grad_checkpoint=false"]).train.grad_checkpoint is False
     # A checkpoint written before the move: its model_args and stored config still load.
     stored = load_config(CONFIGS / "tiny.yaml")
+    # ... and, older still, before model families: no "arch" key.
     legacy_args = {**model_kwargs(stored), "grad_checkpoint": True}
+    del legacy_args["arch"]
     ckpt = tmp_path / "old.pt"
-    torch.save(Generator(**model_kwargs(stored)).checkpoint_payload(legacy_args), ckpt)
-    model = Generator.from_checkpoint(ckpt)
+    torch.save(checkpoint_payload(build_model(model_kwargs(stored)), legacy_args), ckpt)
+    model = load_model(ckpt)
     assert model.grad_checkpoint is False
     raw = yaml.safe_load(dump_config(stored))
     raw["model"]["grad_checkpoint"] = True
@@ -117,10 +120,15 @@ def test_dump_and_load_back_identical(tmp_path: Path) -> None:
     assert yaml.safe_load(dump_config(again)) == yaml.safe_load(path.read_text())
 
 
-def test_generator_defaults_match_config_defaults() -> None:
-    # The generator's keyword defaults document the recipe; they must not drift from config.py.
-    params = inspect.signature(Generator).parameters
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+def test_model_defaults_match_config_defaults(arch: str) -> None:
+    # A family's keyword defaults document its recipe; they must not drift from its dataclass.
+    cfg = load_config(None, [f"model.arch={arch}"])
+    fam = registry.family(arch)
+    params = inspect.signature(fam.model).parameters
     defaults = {name: p.default for name, p in params.items()}
-    for name, value in model_kwargs(Config()).items():
+    args = model_kwargs(cfg)
+    assert args.pop("arch") == arch
+    for name, value in args.items():
         if defaults[name] is not None:  # None stands for "the recipe's list"
             assert defaults[name] == value, name

@@ -22,7 +22,7 @@ from torchmetrics.functional.audio import scale_invariant_signal_distortion_rati
 
 import evaluate
 from config import load_config, model_kwargs, to_dict
-from models.generator import Generator
+from models.registry import build_model, checkpoint_payload
 from tests.packed_data import packed_subset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +53,9 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> Path:
     cfg.data.ref_seconds = SEGMENT_SECONDS
     cfg.data.ta_prob = 0.5  # both conditions among a handful of samples
     torch.manual_seed(0)
-    model = Generator(**model_kwargs(cfg))
+    model = build_model(model_kwargs(cfg))
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    payload = {**model.checkpoint_payload(model_kwargs(cfg)), "ema": None, "config": to_dict(cfg)}
+    payload = {**checkpoint_payload(model, model_kwargs(cfg)), "ema": None, "config": to_dict(cfg)}
     torch.save(payload, path)
     return path
 
@@ -185,7 +185,7 @@ def test_csv_mode(ckpt: Path, triplets: Path, tmp_path: Path) -> None:
 def test_ema_weights_unless_no_ema(ckpt: Path, triplets: Path, tmp_path: Path) -> None:
     payload = torch.load(ckpt, weights_only=True)
     torch.manual_seed(1)  # EMA weights that differ from the generator's
-    payload["ema"] = Generator(**payload["model_args"]).state_dict()
+    payload["ema"] = build_model(payload["model_args"]).state_dict()
     with_ema = tmp_path / "ema.pt"
     torch.save(payload, with_ema)
     list_file = tmp_path / "list.csv"
@@ -207,7 +207,7 @@ def test_checkpoint_is_read_once(
 ) -> None:
     """One read gives the model, the EMA choice (here turned off by the config) and the config."""
     payload = torch.load(ckpt, weights_only=True)
-    payload["ema"] = Generator(**payload["model_args"]).state_dict()
+    payload["ema"] = build_model(payload["model_args"]).state_dict()
     with_ema = tmp_path / "ema.pt"
     torch.save(payload, with_ema)
     list_file = tmp_path / "list.csv"
@@ -264,9 +264,9 @@ def test_memory_does_not_grow_with_length(tmp_path: Path) -> None:
     # how memory grows with the length.
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["model.band_regions=[[0, 24000, 8]]"])
     torch.manual_seed(0)
-    model = Generator(**model_kwargs(cfg))
+    model = build_model(model_kwargs(cfg))
     path = tmp_path / "tiny8.pt"
-    torch.save(model.checkpoint_payload(model_kwargs(cfg)), path)
+    torch.save(checkpoint_payload(model, model_kwargs(cfg)), path)
     rng = np.random.default_rng(0)
     peaks = {}
     for minutes in (1, 10):

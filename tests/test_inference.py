@@ -33,7 +33,7 @@ from inference import (
     plan_windows,
     resampled_length,
 )
-from models.generator import Generator
+from models.registry import build_model, checkpoint_payload
 
 REPO = Path(__file__).resolve().parents[1]
 RAVDESS = "speech/ravdess"
@@ -47,12 +47,12 @@ SAME_AS_FORWARD_SNR_DB = 80.0
 def tiny_checkpoint(path: Path, *, seed: int = 0, ema_seed: int | None = None) -> Path:
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     torch.manual_seed(seed)
-    model = Generator(**model_kwargs(cfg))
+    model = build_model(model_kwargs(cfg))
     ema = None
     if ema_seed is not None:
         torch.manual_seed(ema_seed)
-        ema = Generator(**model_kwargs(cfg)).state_dict()
-    torch.save(model.checkpoint_payload(model_kwargs(cfg)) | {"ema": ema}, path)
+        ema = build_model(model_kwargs(cfg)).state_dict()
+    torch.save(checkpoint_payload(model, model_kwargs(cfg)) | {"ema": ema}, path)
     return path
 
 

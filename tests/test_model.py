@@ -12,14 +12,14 @@ from config import Config, load_config, model_kwargs
 from data.audio_utils import STFT
 from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
 from models.generator import CheckpointError, Generator
+from models.registry import build_model, checkpoint_payload, load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def tiny_generator(**overrides) -> Generator:
+def tiny_generator() -> Generator:
     torch.manual_seed(0)
-    kwargs = model_kwargs(load_config(CONFIGS / "tiny.yaml"))
-    return Generator(**{**kwargs, **overrides})
+    return build_model(model_kwargs(load_config(CONFIGS / "tiny.yaml")))
 
 
 def recipe_bands() -> list[tuple[int, int]]:
@@ -160,7 +160,7 @@ def test_forward_under_bf16_autocast() -> None:
 
 
 def test_recipe_parameter_count() -> None:
-    model = Generator(**model_kwargs(load_config(CONFIGS / "hifi_tse.yaml")))
+    model = build_model(model_kwargs(load_config(CONFIGS / "hifi_tse.yaml")))
     n_params = sum(p.numel() for p in model.parameters())
     assert 10.5e6 <= n_params <= 12.5e6, n_params
     assert len(model.bands) == 53
@@ -171,8 +171,8 @@ def test_rebuild_from_checkpoint(tmp_path: Path) -> None:
     cfg = load_config(CONFIGS / "tiny.yaml")
     model = tiny_generator().eval()
     path = tmp_path / "gen.pt"
-    torch.save(model.checkpoint_payload(model_kwargs(cfg)), path)
-    again = Generator.from_checkpoint(path).eval()
+    torch.save(checkpoint_payload(model, model_kwargs(cfg)), path)
+    again = load_model(path).eval()
     mix, ref = torch.randn(1, 4_800), torch.randn(1, 4_800)
     with torch.no_grad():
         torch.testing.assert_close(again(mix, ref), model(mix, ref))
@@ -182,20 +182,20 @@ def test_non_checkpoint_files_are_refused(tmp_path: Path) -> None:
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(CheckpointError, match=str(junk)):
-        Generator.from_checkpoint(junk)
+        load_model(junk)
     other = tmp_path / "other.pt"
     torch.save({"state_dict": {}}, other)
     with pytest.raises(CheckpointError, match="not a HiFi-TSE checkpoint"):
-        Generator.from_checkpoint(other)
+        load_model(other)
     # Weights of another version of the generator (here: one parameter missing).
     model = tiny_generator()
     args = model_kwargs(load_config(CONFIGS / "tiny.yaml"))
-    payload = model.checkpoint_payload(args)
+    payload = checkpoint_payload(model, args)
     del payload["generator"]["encoder.energy_weight"]
     old = tmp_path / "old.pt"
     torch.save(payload, old)
-    with pytest.raises(CheckpointError, match=f"{old}: weights do not fit this generator"):
-        Generator.from_checkpoint(old)
+    with pytest.raises(CheckpointError, match=f"{old}: weights do not fit this model"):
+        load_model(old)
 
 
 def test_film_tells_voices_apart_by_spectrum_not_by_phase() -> None:

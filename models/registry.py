@@ -1,0 +1,136 @@
+"""The model families that train.py, evaluate.py and inference.py run, and the one place that
+builds a model from its arguments or a checkpoint.
+
+A family is a module with a typed dataclass of arguments (``model`` config section, besides
+``arch``) and a model class that keeps one contract, so that no caller asks which family it
+holds:
+
+- ``forward(mix (B, N), ref (B, M), *, with_aux=False)`` returns the estimate (B, N), exactly N
+  samples for any N and M, or ``(estimate, aux)`` where ``aux`` holds what the family's own
+  loss terms need (``Family.aux_terms``);
+- ``encode_reference(ref)`` once, then ``extract(mix, z_ref, scale=None)`` for any number of
+  windows (``scale`` (B, 1): one level for a whole recording);
+- scale-equivariant: the estimate of ``a * mix`` is ``a * estimate``;
+- ``sample_rate`` and a runtime ``grad_checkpoint`` flag (set by the trainer).
+
+Checkpoints store ``model_args = {"arch": name, **constructor keywords}``; those written before
+families existed have no ``arch`` and are ``hifi_tse``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from models.generator import (
+    CheckpointError,
+    Generator,
+    HiFiTSEArgs,
+    current_model_args,
+    one_line,
+    read_checkpoint,
+)
+from models.spex_plus import SpExPlus, SpExPlusArgs
+from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
+
+ARCH_KEY = "arch"
+DEFAULT_ARCH = "hifi_tse"
+STFT_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length")  # the stft config section
+
+
+@dataclass(frozen=True)
+class Family:
+    """One registered model family."""
+
+    name: str
+    args: type  # dataclass of the family's model arguments (the ``model`` section)
+    model: type[nn.Module]
+    # Whether the model's constructor takes the whole stft section (a spectral model whose
+    # STFT is part of it) or only the sample rate (a time-domain model).
+    takes_stft: bool
+    # Loss terms (``loss`` section names) that only this family's auxiliary outputs feed.
+    aux_terms: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {
+    "hifi_tse": Family("hifi_tse", HiFiTSEArgs, Generator, takes_stft=True),
+    "td_speakerbeam": Family("td_speakerbeam", TDSpeakerBeamArgs, TDSpeakerBeam,
+                             takes_stft=False),
+    "spex_plus": Family("spex_plus", SpExPlusArgs, SpExPlus, takes_stft=False,
+                        aux_terms=("si_sdr_middle", "si_sdr_long", "speaker_ce")),
+}
+
+
+# Every family-specific loss term: a non-zero weight needs a family that produces it.
+AUX_TERMS = frozenset(term for fam in FAMILIES.values() for term in fam.aux_terms)
+
+
+def family(arch: str) -> Family:
+    """The family named ``arch``; a ValueError naming the known ones otherwise."""
+    if arch not in FAMILIES:
+        raise ValueError(f"unknown model arch {arch!r} (known: {', '.join(sorted(FAMILIES))})")
+    return FAMILIES[arch]
+
+
+def arch_of(args: Any) -> str:
+    """The family name of a model-arguments dataclass instance."""
+    for fam in FAMILIES.values():
+        if type(args) is fam.args:
+            return fam.name
+    raise TypeError(f"{type(args).__name__} is not the arguments of a registered family")
+
+
+def model_args(args: Any, stft: dict[str, Any]) -> dict[str, Any]:
+    """``{"arch": name, **keywords}``: what builds the model and what a checkpoint stores.
+    ``stft`` is the stft config section as a mapping."""
+    fam = family(arch_of(args))
+    base = dict(stft) if fam.takes_stft else {"sample_rate": stft["sample_rate"]}
+    return {ARCH_KEY: fam.name, **base, **dataclasses.asdict(args)}
+
+
+def normalised_args(args: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's ``model_args`` of any version as ``model_args`` writes them today: with
+    ``arch`` (``hifi_tse`` before families existed), without retired keys."""
+    return {ARCH_KEY: args.get(ARCH_KEY, DEFAULT_ARCH), **current_model_args(args)}
+
+
+def build_model(args: dict[str, Any]) -> nn.Module:
+    """The model that ``args`` (``model_args``, or a checkpoint's) describes."""
+    args = normalised_args(args)
+    return family(args.pop(ARCH_KEY)).model(**args)
+
+
+def checkpoint_payload(model: nn.Module, args: dict[str, Any]) -> dict[str, Any]:
+    """The minimal checkpoint dict that ``model_from_payload`` understands."""
+    return {"model_args": dict(args), "generator": model.state_dict()}
+
+
+def model_from_payload(
+    ckpt: dict[str, Any], *, use_ema: bool = True, name: str = "checkpoint"
+) -> nn.Module:
+    """The model a checkpoint dict (``read_checkpoint``) describes, with its EMA weights when
+    ``use_ema`` and it has them, else the raw ones; errors name ``name``. A caller that needs
+    more of the checkpoint (evaluate.py: its config and step) reads the file once."""
+    try:
+        model = build_model(ckpt["model_args"])
+    except (TypeError, ValueError, KeyError, AttributeError) as err:
+        raise CheckpointError(
+            f"{name}: not a HiFi-TSE checkpoint (model_args: {one_line(str(err))[:200]})"
+        ) from None
+    state = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["generator"]
+    try:
+        model.load_state_dict(state)
+    except (TypeError, RuntimeError) as err:  # e.g. written by an older version of the model
+        first = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"{name}: weights do not fit this model ({first})") from None
+    return model
+
+
+def load_model(path: str | Path, *, use_ema: bool = True) -> nn.Module:
+    """The model of a checkpoint file, whatever its family."""
+    path = Path(path)
+    return model_from_payload(read_checkpoint(path), use_ema=use_ema, name=str(path))

@@ -1,0 +1,169 @@
+"""The contract every registered model family keeps (models/registry.py), checked on each
+family's tiny config: exact output length, independent batch items, scale equivariance, encode
+once then windows, checkpoint round trip, finite gradients, bf16 autocast; and a few real
+train.py steps per family."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train
+from config import ConfigError, load_config, model_kwargs
+from models import registry
+from models.generator import rms_scale
+from models.registry import build_model, checkpoint_payload, load_model
+from tests.packed_data import packed_subset
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"hifi_tse": "tiny.yaml", "td_speakerbeam": "td_speakerbeam_tiny.yaml",
+        "spex_plus": "spex_plus_tiny.yaml"}
+N_SPEAKERS = 5  # the head of families that have one, in these unit tests
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny convolutions on 2 shared cores: a second thread only contends (10x slower, measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_family_has_a_tiny_config() -> None:
+    assert set(TINY) == set(registry.FAMILIES)
+
+
+def tiny(arch: str) -> torch.nn.Module:
+    cfg = load_config(REPO / "configs" / TINY[arch])
+    assert registry.arch_of(cfg.model) == arch
+    if hasattr(cfg.model, "n_speakers"):
+        cfg.model.n_speakers = N_SPEAKERS
+    torch.manual_seed(0)
+    return build_model(model_kwargs(cfg))
+
+
+def signals(batch: int, n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return 0.1 * torch.randn(batch, n, generator=gen), 0.1 * torch.randn(batch, m, generator=gen)
+
+
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize(("n", "m"), [(9_601, 7_203), (4_799, 12_001)])
+def test_output_has_exactly_the_mixture_length(arch: str, n: int, m: int) -> None:
+    model = tiny(arch).eval()
+    mix, ref = signals(2, n, m)
+    with torch.no_grad():
+        est, aux = model(mix, ref, with_aux=True)
+    assert est.shape == (2, n)
+    assert torch.isfinite(est).all()
+    for name, value in aux.items():
+        if name.startswith("est_"):
+            assert value.shape == (2, n), name
+
+
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+def test_batch_items_are_independent_in_eval(arch: str) -> None:
+    model = tiny(arch).eval()
+    mix, ref = signals(2, 9_600, 9_600)
+    loud = torch.cat([mix[:1], 50 * mix[1:]])
+    with torch.no_grad():
+        both = model(loud, ref)
+        alone = model(mix[:1], ref[:1])
+    torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+def test_scale_equivariance(arch: str) -> None:
+    model = tiny(arch).eval()
+    mix, ref = signals(1, 9_600, 9_600)
+    with torch.no_grad():
+        est = model(mix, ref)
+        for a in (1e-3, 7.0):
+            torch.testing.assert_close(model(a * mix, ref), a * est, atol=1e-5 * a, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+def test_encode_once_then_extract_equals_forward(arch: str) -> None:
+    model = tiny(arch).eval()
+    mix, ref = signals(1, 9_600, 7_200)
+    with torch.no_grad():
+        whole = model(mix, ref)
+        z_ref = model.encode_reference(ref)
+        # One window holding the whole mixture, with the scale a windowed caller passes.
+        windowed = model.extract(mix, z_ref, rms_scale(mix))
+        again = model.extract(mix, z_ref)  # the embedding is reusable
+    torch.testing.assert_close(windowed, whole, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(again, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+def test_checkpoint_round_trip_through_the_registry(arch: str, tmp_path: Path) -> None:
+    cfg = load_config(REPO / "configs" / TINY[arch])
+    torch.manual_seed(0)
+    args = model_kwargs(cfg)
+    model = build_model(args).eval()
+    path = tmp_path / "model.pt"
+    torch.save(checkpoint_payload(model, args), path)
+    again = load_model(path).eval()
+    assert type(again) is type(model)
+    mix, ref = signals(1, 4_800, 4_800)
+    with torch.no_grad():
+        torch.testing.assert_close(again(mix, ref), model(mix, ref), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_finite_gradients_in_float32_and_bf16_autocast(arch: str, dtype: torch.dtype) -> None:
+    model = tiny(arch).train()
+    mix, ref = signals(2, 4_800, 4_800)
+    with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        est, aux = model(mix, ref, with_aux=True)
+    loss = est.float().square().mean() + sum(v.float().square().mean() for v in aux.values())
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_family_loss_terms_are_refused_for_other_families() -> None:
+    with pytest.raises(ConfigError, match=r"loss\.speaker_ce.*td_speakerbeam"):
+        load_config(REPO / "configs" / "td_speakerbeam_tiny.yaml", ["loss.speaker_ce=0.5"])
+    with pytest.raises(ConfigError, match=r"model\.lstm_hidden.*spex_plus"):
+        load_config(REPO / "configs" / "spex_plus_tiny.yaml", ["model.lstm_hidden=8"])
+    with pytest.raises(ConfigError, match=r"model\.arch"):
+        load_config(None, ["model.arch=wavenet"])
+
+
+@pytest.fixture(scope="module")
+def data_section(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> dict:
+    d = packed_subset(tmp_path_factory, shared_data)
+    return {"manifest_dir": d.manifest_dir, "segment_seconds": 0.5, "ref_seconds": 0.5,
+            "n_val_samples": 4, "num_workers": 0, "val_fraction": d.val_fraction}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["td_speakerbeam", "spex_plus"])
+def test_train_py_steps_with_falling_loss(arch: str, tmp_path: Path, data_section: dict) -> None:
+    cfg = yaml.safe_load((REPO / "configs" / TINY[arch]).read_text())
+    cfg["data"] = dict(data_section)
+    cfg["optim"] = {"lr": 3e-3, "warmup_steps": 2, "grad_accum": 1}
+    cfg["train"].update(run_dir=str(tmp_path / "run"), total_steps=24, log_every=1,
+                        val_every=24, ckpt_every=24, deterministic=True)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train.main(["--config", str(path)])
+    rows = train.log_events(tmp_path / "run" / "train.log")
+    losses = [float(r["loss"]) for r in rows]
+    assert len(losses) == 24
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["model_args"]["arch"] == arch
+    if arch == "spex_plus":  # the head's size came from the training speakers
+        assert ckpt["model_args"]["n_speakers"] > 1
+        assert all("speaker_ce" in r and "si_sdr_long" in r for r in rows)
+    assert type(load_model(tmp_path / "run" / "last.pt")).__name__ == type(
+        build_model(ckpt["model_args"])).__name__
