@@ -14,14 +14,18 @@ INSTALL := $(if $(filter $(VENV_PY),$(PY)),$(STAMP))
 .PHONY: test lint bench demo clean-venv
 
 # `make demo`: synthetic corpus (default) or DEMO=shared (RAVDESS in ../shared/data: actors
-# 01-12 train, 13-16 test). DEMO_MINUTES is the CPU training budget.
+# 01-12 train, 13-16 test). DEMO_MINUTES is the CPU training budget. ARCH picks the model family
+# (hifi_tse, td_speakerbeam, spex_plus): configs/demo_$(ARCH).yaml is layered on the demo config,
+# and the run, evaluation and extraction get their own names, so the families sit side by side.
 DEMO ?= synthetic
 DEMO_MINUTES ?= 15
+ARCH ?= hifi_tse
 DEMO_CORPUS_ARGS ?=  # e.g. --n-train 8: a smaller synthetic corpus (tests/test_demo.py)
 DEMO_EVAL_ARGS ?=  # e.g. --n-samples 20
 DEMO_COND_ARGS ?=  # e.g. --n-samples 20 (bench/bench_conditioning.py)
 # Results of a non-default budget go to their own doc/benchmarks.md sections.
-DEMO_TAG := $(DEMO)$(if $(filter 15,$(DEMO_MINUTES)),,_$(DEMO_MINUTES)min)
+ARCH_SUFFIX := $(if $(filter hifi_tse,$(ARCH)),,_$(ARCH))
+DEMO_TAG := $(DEMO)$(ARCH_SUFFIX)$(if $(filter 15,$(DEMO_MINUTES)),,_$(DEMO_MINUTES)min)
 ifeq ($(DEMO),shared)
 DEMO_DIR := exp/demo_shared
 DEMO_CFG := configs/demo_shared.yaml
@@ -32,6 +36,9 @@ DEMO_CFG := configs/demo.yaml
 DEMO_TEST_CFG := configs/demo_test.yaml
 endif
 RAVDESS := $(abspath ../shared/data/speech/ravdess)
+ARCH_CFG := $(if $(ARCH_SUFFIX),--config configs/demo_$(ARCH).yaml)
+RUN := $(DEMO_DIR)/run$(ARCH_SUFFIX)
+EVAL := $(DEMO_DIR)/eval$(ARCH_SUFFIX)
 
 $(STAMP): requirements.txt
 	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
@@ -58,15 +65,18 @@ else
 endif
 	$(PY) -m data.prepare_manifest --config $(DEMO_CFG) --no-progress
 	$(PY) -m data.prepare_manifest --config $(DEMO_TEST_CFG) --no-progress
-	rm -rf $(DEMO_DIR)/run  # a fresh run each time (the corpus and packing are kept)
-	PYTHONUNBUFFERED=1 $(PY) train.py --config $(DEMO_CFG) --set train.max_minutes=$(DEMO_MINUTES)
-	$(PY) evaluate.py --ckpt $(DEMO_DIR)/run/best.pt --config $(DEMO_TEST_CFG) \
-		--out-dir $(DEMO_DIR)/eval $(DEMO_EVAL_ARGS)
-	$(PY) bench/bench_conditioning.py --ckpt $(DEMO_DIR)/run/best.pt --config $(DEMO_TEST_CFG) \
-		--name $(DEMO_TAG) $(DEMO_COND_ARGS)
-	$(PY) inference.py --ckpt $(DEMO_DIR)/run/best.pt --mix $(DEMO_DIR)/eval/examples/median_mix.wav \
-		--ref $(DEMO_DIR)/eval/examples/median_ref.wav -o $(DEMO_DIR)/extracted.wav
-	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --minutes $(DEMO_MINUTES)
+	rm -rf $(RUN)  # a fresh run each time (the corpus and packing are kept)
+	PYTHONUNBUFFERED=1 $(PY) train.py --config $(DEMO_CFG) $(ARCH_CFG) \
+		--set train.max_minutes=$(DEMO_MINUTES) --set train.run_dir=$(RUN)
+	$(PY) evaluate.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
+		--out-dir $(EVAL) $(DEMO_EVAL_ARGS)
+	$(PY) bench/bench_conditioning.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
+		--name $(DEMO_TAG) $(DEMO_COND_ARGS) > $(EVAL)/conditioning.txt
+	cat $(EVAL)/conditioning.txt
+	$(PY) inference.py --ckpt $(RUN)/best.pt --mix $(EVAL)/examples/median_mix.wav \
+		--ref $(EVAL)/examples/median_ref.wav -o $(DEMO_DIR)/extracted$(ARCH_SUFFIX).wav
+	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --minutes $(DEMO_MINUTES) \
+		--arch $(ARCH)
 
 bench: $(INSTALL)
 	$(PY) bench/bench_model.py

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,9 +305,7 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
     setattr(sub, key, _check(value, fields[key], f"{section}.{key}"))
 
 
-def from_dict(raw: dict[str, Any] | None) -> Config:
-    """Build a ``Config`` from nested mappings; unknown keys and wrong types raise."""
-    cfg = Config()
+def _apply_raw(cfg: Config, raw: dict[str, Any] | None) -> None:
     for section, values in (raw or {}).items():
         if values is None:
             continue
@@ -316,6 +315,12 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
             values = {registry.ARCH_KEY: values[registry.ARCH_KEY], **values}
         for key, value in values.items():
             _apply(cfg, section, key, value)
+
+
+def from_dict(raw: dict[str, Any] | None) -> Config:
+    """Build a ``Config`` from nested mappings; unknown keys and wrong types raise."""
+    cfg = Config()
+    _apply_raw(cfg, raw)
     check_ranges(cfg)
     return cfg
 
@@ -332,23 +337,26 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path`` (if any), then the ``--set`` overrides."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
+def load_config(
+    path: str | Path | Sequence[str | Path] | None = None, overrides: list[str] | None = None
+) -> Config:
+    """Defaults, then the YAML file(s) at ``path`` in order (a later file overrides an earlier
+    one key by key; a file that sets another ``model.arch`` starts that family's section from
+    its defaults), then the ``--set`` overrides."""
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    cfg = Config()
+    for file in map(Path, paths):
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(file.read_text()) or {}
         except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from err
+            raise ConfigError(f"{file}: cannot read config: {err}") from err
         if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of sections")
-    try:
-        cfg = from_dict(raw)
-    except ConfigError as err:
-        if path is None:
-            raise
-        raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{file}: a config must be a mapping of sections")
+        try:
+            _apply_raw(cfg, raw)
+            check_ranges(cfg)
+        except ConfigError as err:
+            raise ConfigError(f"{file}: {err}") from None
     return apply_overrides(cfg, overrides or [])
 
 

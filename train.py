@@ -500,7 +500,8 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train HiFi-TSE.")
-    parser.add_argument("--config", required=True, help="YAML file (only what differs)")
+    parser.add_argument("--config", required=True, action="append",
+                        help="YAML file (only what differs); repeat it to layer files")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--resume", help="checkpoint to resume from (default: RUN_DIR/last.pt)")
     parser.add_argument("--init", help="checkpoint whose generator weights start a new run")

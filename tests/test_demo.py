@@ -61,3 +61,17 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert "demo_synthetic_0.15min:start" in doc
     swap = doc.split("<!-- conditioning_synthetic_0.15min:start -->")[1].split("<!-- ")[0]
     assert "SI-SDRi wrong ref dB" in swap
+
+    # Another family on the same corpus (ARCH): its own run and evaluation, and one table of
+    # the families at this budget.
+    result = subprocess.run([*cmd, "ARCH=spex_plus"], cwd=repo, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (demo / "run_spex_plus" / "best.pt").is_file()
+    assert (demo / "run" / "best.pt").is_file(), "the hifi_tse run is kept"
+    last = result.stdout.strip().splitlines()[-1]
+    assert json.loads(last)["bench"] == "demo_synthetic_spex_plus_0.15min"
+    doc = (repo / "doc" / "benchmarks.md").read_text()
+    families = doc.split("<!-- demo_families_synthetic_0.15min:start -->")[1].split("<!-- ")[0]
+    rows = [line for line in families.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| hifi_tse", "| spex_plus"], families
