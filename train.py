@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -470,6 +470,110 @@ def ranks_in_sync(nets: Nets) -> bool:
     return bool(torch.equal(low, high))
 
 
+# Parts of Nets a checkpoint holds under their own names (None where a run has none).
+SAVED_NETS = ("generator", "ema", "opt_g", "disc", "opt_d", "scaler")
+
+
+@dataclass
+class TrainState:
+    """The whole training state: the networks and optimisers, the counters, and (in a
+    checkpoint) every rank's RNG states. It writes and reads checkpoints itself, so saving and
+    resuming cannot drift apart."""
+
+    nets: Nets
+    step: int = 0  # also the data position (StepSampler)
+    best_si_sdri: float = -math.inf
+    bad_validations: int = 0
+    nonfinite_total: int = 0
+
+    COUNTERS: ClassVar[tuple[str, ...]] = (
+        "step", "best_si_sdri", "bad_validations", "nonfinite_total",
+    )
+
+    def payload(self, *, model_args: dict[str, Any], config: dict[str, Any],
+                rngs: list[dict[str, Any]]) -> dict[str, Any]:
+        """The checkpoint dict; ``model_args`` and ``config`` let it rebuild itself."""
+        ckpt: dict[str, Any] = {"model_args": model_args, "config": config, "rng": rngs}
+        for name in SAVED_NETS:
+            part = getattr(self.nets, name)
+            ckpt[name] = part.state_dict() if part is not None else None
+        ckpt.update({name: getattr(self, name) for name in self.COUNTERS})
+        return ckpt
+
+    def load(self, ckpt: dict[str, Any], *, rank: int) -> None:
+        """Restore what ``payload`` wrote; a part this run has and the checkpoint lacks (the
+        discriminator of a run that enables the GAN phase on resume) keeps its fresh state."""
+        for name in SAVED_NETS:
+            part = getattr(self.nets, name)
+            if part is not None and ckpt.get(name) is not None:
+                part.load_state_dict(ckpt[name])
+        for name in self.COUNTERS:
+            setattr(self, name, ckpt[name])
+        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+
+
+@torch.no_grad()
+def validate(
+    nets: Nets,
+    cfg: Config,
+    loader: DataLoader,
+    *,
+    autocast: contextlib.AbstractContextManager[object],
+    ddp: bool,
+) -> tuple[dict[str, float], list[tuple[torch.Tensor, ...]]]:
+    """SI-SDR(i) of TP items, suppression of TA items and the loss, over every rank's share of
+    the fixed validation list (EMA weights where there are some); and the first
+    ``train.n_val_audio`` examples (mix, ref, estimate, target) of this rank."""
+    device = next(nets.generator.parameters()).device
+    weights = loss_weights(cfg)
+    model = nets.ema if nets.ema is not None else nets.generator
+    model.eval()
+    # sums: si_sdr, si_sdri, n_tp, ta_supp, n_ta, loss, n_batches
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    examples: list[tuple[torch.Tensor, ...]] = []
+    for batch in loader:
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            est = model(batch["mix"], batch["ref"])
+        est = est.float()
+        tp = ~batch["is_ta"]
+        # Masked sums: a TA item's SI-SDR (or a TP item's suppression) is dropped by
+        # torch.where, so its inf or NaN cannot reach the sums.
+        sdr = si_sdr(est, batch["target"])
+        sdr_mix = si_sdr(batch["mix"], batch["target"])
+        supp = ta_suppression_db(est, batch["mix"])
+        loss = weighted_sum(loss_terms(est, batch, nets, weights), batch["is_ta"], weights)
+        zero = torch.zeros_like(sdr)
+        sums += torch.stack([torch.where(tp, sdr, zero).sum(),
+                             torch.where(tp, sdr - sdr_mix, zero).sum(), tp.sum(),
+                             torch.where(tp, zero, supp).sum(), (~tp).sum(), loss,
+                             torch.ones_like(loss)]).double()
+        if len(examples) < cfg.train.n_val_audio:
+            examples.append((batch["mix"][0], batch["ref"][0], est[0], batch["target"][0]))
+    if ddp:
+        dist.all_reduce(sums)
+    s_sdr, s_sdri, n_tp, s_supp, n_ta, s_loss, n_b = sums.tolist()
+    nets.generator.train()
+    return {"si_sdr": s_sdr / max(n_tp, 1), "si_sdri": s_sdri / max(n_tp, 1),
+            "ta_supp_db": s_supp / n_ta if n_ta else float("nan"),
+            "loss": s_loss / max(n_b, 1), "n_tp": n_tp, "n_ta": n_ta}, examples
+
+
+def write_examples(writer: SummaryWriter, examples: list[tuple[torch.Tensor, ...]], nets: Nets,
+                   step: int, sample_rate: int) -> None:
+    """Validation audio and log spectrograms to TensorBoard."""
+    for i, (mix, ref, est, target) in enumerate(examples):
+        for name, wave in (("mix", mix), ("ref", ref), ("est", est), ("target", target)):
+            peak = max(wave.abs().max().item(), 1e-6)
+            writer.add_audio(f"val{i}/{name}", (wave / max(peak, 1.0)).cpu()[None], step,
+                             sample_rate=sample_rate)
+            if name != "ref":
+                spec = nets.stft(wave[None].float())[0].abs()
+                image = (20 * torch.log10(spec + 1e-5)).clamp(min=-100).flip(0)
+                image = (image - image.min()) / (image.max() - image.min() + 1e-9)
+                writer.add_image(f"val{i}/{name}_spec", image.cpu(), step, dataformats="HW")
+
+
 def resolve_device(cfg: Config, ddp: bool, local_rank: int) -> torch.device:
     """``train.device``; under torchrun each rank must get its own GPU."""
     name = cfg.train.device
@@ -567,12 +671,12 @@ def main(argv: list[str] | None = None) -> None:
             use_float32_lstms(nets.ema)
         log.warning("bf16_lstm=unsupported device=%s lstms=%d run_in=float32 (the rest of the "
                     "network stays bf16)", device, count)
-    generator, ema, disc = nets.generator, nets.ema, nets.disc
+    generator, ema = nets.generator, nets.ema
 
     # ---------------------------------------------------------------------------------------
     # Resume (exact) or initialise from weights
     # ---------------------------------------------------------------------------------------
-    step, best, bad_vals, nonfinite_total = 0, -math.inf, 0, 0
+    state = TrainState(nets)
     resume = Path(args.resume) if args.resume else run_dir / "last.pt"
     if args.resume and not resume.is_file():
         sys.exit(f"error: {resume}: no such checkpoint")
@@ -580,18 +684,8 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = torch.load(resume, map_location=device, weights_only=True)
         if normalised_args(ckpt["model_args"]) != margs:
             sys.exit(f"error: {resume}: its model section differs from the config's")
-        generator.load_state_dict(ckpt["generator"])
-        if ema is not None and ckpt.get("ema") is not None:
-            ema.load_state_dict(ckpt["ema"])
-        nets.opt_g.load_state_dict(ckpt["opt_g"])
-        if disc is not None and ckpt.get("disc") is not None:
-            disc.load_state_dict(ckpt["disc"])
-            nets.opt_d.load_state_dict(ckpt["opt_d"])
-        nets.scaler.load_state_dict(ckpt["scaler"])
-        step, best, bad_vals = ckpt["step"], ckpt["best_si_sdri"], ckpt["bad_validations"]
-        nonfinite_total = ckpt["nonfinite_total"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
-        log.info("resumed step=%d from=%s", step, resume)
+        state.load(ckpt, rank=rank)
+        log.info("resumed step=%d from=%s", state.step, resume)
     elif args.init:
         ckpt = torch.load(args.init, map_location=device, weights_only=True)
         generator.load_state_dict(ckpt["generator"])
@@ -616,59 +710,13 @@ def main(argv: list[str] | None = None) -> None:
         "persistent_workers": cfg.data.num_workers > 0,
     }
     train_loader = DataLoader(
-        train_set, sampler=StepSampler(start_step=step, batch_size=batch_size, cfg=cfg),
+        train_set, sampler=StepSampler(start_step=state.step, batch_size=batch_size, cfg=cfg),
         **loader_args,
     )
     val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val"))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world), **loader_args)
-    writer = SummaryWriter(str(run_dir / "tb"), purge_step=step) if master else None
+    writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step) if master else None
     weights = loss_weights(cfg)
-
-    @torch.no_grad()
-    def validate() -> dict[str, float]:
-        model = ema if ema is not None else generator
-        model.eval()
-        # sums: si_sdr, si_sdri, n_tp, ta_supp, n_ta, loss, n_batches
-        sums = torch.zeros(7, dtype=torch.float64, device=device)
-        examples: list[tuple[torch.Tensor, ...]] = []
-        for batch in val_loader:
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with autocast:
-                est = model(batch["mix"], batch["ref"])
-            est = est.float()
-            tp = ~batch["is_ta"]
-            # Masked sums: a TA item's SI-SDR (or a TP item's suppression) is dropped by
-            # torch.where, so its inf or NaN cannot reach the sums.
-            sdr = si_sdr(est, batch["target"])
-            sdr_mix = si_sdr(batch["mix"], batch["target"])
-            supp = ta_suppression_db(est, batch["mix"])
-            loss = weighted_sum(loss_terms(est, batch, nets, weights), batch["is_ta"], weights)
-            zero = torch.zeros_like(sdr)
-            sums += torch.stack([torch.where(tp, sdr, zero).sum(),
-                                 torch.where(tp, sdr - sdr_mix, zero).sum(), tp.sum(),
-                                 torch.where(tp, zero, supp).sum(), (~tp).sum(), loss,
-                                 torch.ones_like(loss)]).double()
-            if len(examples) < cfg.train.n_val_audio:
-                examples.append((batch["mix"][0], batch["ref"][0], est[0], batch["target"][0]))
-        if ddp:
-            dist.all_reduce(sums)
-        s_sdr, s_sdri, n_tp, s_supp, n_ta, s_loss, n_b = sums.tolist()
-        generator.train()
-        if writer is not None:
-            for i, (mix, ref, est, target) in enumerate(examples):
-                for name, wave in (("mix", mix), ("ref", ref), ("est", est), ("target", target)):
-                    peak = max(wave.abs().max().item(), 1e-6)
-                    writer.add_audio(f"val{i}/{name}", (wave / max(peak, 1.0)).cpu()[None],
-                                     step, sample_rate=cfg.stft.sample_rate)
-                    if name != "ref":
-                        spec = nets.stft(wave[None].float())[0].abs()
-                        image = (20 * torch.log10(spec + 1e-5)).clamp(min=-100).flip(0)
-                        image = (image - image.min()) / (image.max() - image.min() + 1e-9)
-                        writer.add_image(f"val{i}/{name}_spec", image.cpu(), step,
-                                         dataformats="HW")
-        return {"si_sdr": s_sdr / max(n_tp, 1), "si_sdri": s_sdri / max(n_tp, 1),
-                "ta_supp_db": s_supp / n_ta if n_ta else float("nan"),
-                "loss": s_loss / max(n_b, 1), "n_tp": n_tp, "n_ta": n_ta}
 
     # ---------------------------------------------------------------------------------------
     # The loop
@@ -681,18 +729,19 @@ def main(argv: list[str] | None = None) -> None:
     t_start = t_log = time.perf_counter()
     stop_reason = "total_steps reached"
     # Under a time budget total_steps is only a cap, and its ETA would mislead.
-    bar = tqdm(total=None if cfg.train.max_minutes else cfg.train.total_steps, initial=step,
+    bar = tqdm(total=None if cfg.train.max_minutes else cfg.train.total_steps, initial=state.step,
                unit="step", dynamic_ncols=True,
                disable=not (master and cfg.train.progress_bar))
     data_iter = iter(train_loader)
-    while step < cfg.train.total_steps:
+    while state.step < cfg.train.total_steps:
         batch = next(data_iter)
         corrupt += int(batch["n_corrupt"].sum())  # a CPU tensor: no device sync
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
                  for k, v in batch.items()}
-        gan_active = gan_weight(cfg, step) is not None
-        micro_step(nets, cfg, batch, step=step, autocast=autocast, step_log=step_log)
-        step += 1
+        gan_active = gan_weight(cfg, state.step) is not None
+        micro_step(nets, cfg, batch, step=state.step, autocast=autocast, step_log=step_log)
+        state.step += 1
+        step = state.step  # the micro-steps done, for the rest of this iteration
         bar.update(1)
         if step % accum:
             continue
@@ -703,8 +752,8 @@ def main(argv: list[str] | None = None) -> None:
             nonfinite_run = 0
         else:
             nonfinite_run += 1
-            nonfinite_total += 1
-            log.warning("nonfinite step=%d count=%d in_a_row=%d", step, nonfinite_total,
+            state.nonfinite_total += 1
+            log.warning("nonfinite step=%d count=%d in_a_row=%d", step, state.nonfinite_total,
                         nonfinite_run)
             if nonfinite_run >= cfg.train.max_nonfinite:
                 stop_reason = f"{nonfinite_run} non-finite updates in a row"
@@ -734,7 +783,7 @@ def main(argv: list[str] | None = None) -> None:
             first = [k for k in ("loss", "si_sdr") if k in stats]
             keys = [*first, *(k for k in stats if k not in first)]
             log.info("step=%d phase=%d %s nonfinite=%d corrupt=%d", step, phase,
-                     " ".join(f"{k}={stats[k]:.4g}" for k in keys), nonfinite_total, corrupt)
+                     " ".join(f"{k}={stats[k]:.4g}" for k in keys), state.nonfinite_total, corrupt)
             step_log, t_log = StepLog(), time.perf_counter()
 
         # ---- end of run? (every rank must agree, so the budget decision is all-reduced)
@@ -752,21 +801,24 @@ def main(argv: list[str] | None = None) -> None:
         # ---- validation, best checkpoint, early stopping
         is_best = False
         if step % cfg.train.val_every == 0 or final:
-            val = validate()
+            val, examples = validate(nets, cfg, val_loader, autocast=autocast, ddp=ddp)
             if writer is not None:
+                write_examples(writer, examples, nets, step, cfg.stft.sample_rate)
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, step)
             log.info("val step=%d si_sdr=%.3f si_sdri=%.3f ta_supp_db=%.2f loss=%.4f n_tp=%d "
                      "n_ta=%d", step, val["si_sdr"], val["si_sdri"], val["ta_supp_db"],
                      val["loss"], val["n_tp"], val["n_ta"])
-            if val["si_sdri"] > best:
-                best, bad_vals, is_best = val["si_sdri"], 0, True
-                log.info("best step=%d si_sdri=%.3f", step, best)
+            if val["si_sdri"] > state.best_si_sdri:
+                state.best_si_sdri, state.bad_validations, is_best = val["si_sdri"], 0, True
+                log.info("best step=%d si_sdri=%.3f", step, state.best_si_sdri)
             else:
-                bad_vals += 1
+                state.bad_validations += 1
             bar.set_postfix(val_si_sdri=f"{val['si_sdri']:.2f}")
-            if cfg.train.early_stop_patience and bad_vals >= cfg.train.early_stop_patience:
-                final, stop_reason = True, f"no better si_sdri in {bad_vals} validations"
+            patience = cfg.train.early_stop_patience
+            if patience and state.bad_validations >= patience:
+                final = True
+                stop_reason = f"no better si_sdri in {state.bad_validations} validations"
         # ---- checkpoints: last (always at an interval), best, rotation of step_*.pt
         periodic = step % cfg.train.ckpt_every == 0 or final
         if periodic and ddp:
@@ -785,21 +837,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 rngs = [rng_state()]
             if master:
-                payload = {
-                    "model_args": margs,
-                    "config": to_dict(cfg),
-                    "generator": generator.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "opt_g": nets.opt_g.state_dict(),
-                    "disc": disc.state_dict() if disc is not None else None,
-                    "opt_d": nets.opt_d.state_dict() if nets.opt_d is not None else None,
-                    "scaler": nets.scaler.state_dict(),
-                    "step": step,  # also the data position (StepSampler)
-                    "best_si_sdri": best,
-                    "bad_validations": bad_vals,
-                    "nonfinite_total": nonfinite_total,
-                    "rng": rngs,
-                }
+                payload = state.payload(model_args=margs, config=to_dict(cfg), rngs=rngs)
                 if periodic:
                     save_checkpoint(run_dir / f"{CKPT_PREFIX}{step:09d}.pt", payload)
                     for old in sorted(run_dir.glob(f"{CKPT_PREFIX}*.pt"))[
@@ -814,7 +852,8 @@ def main(argv: list[str] | None = None) -> None:
 
     bar.close()
     if master:
-        log.info("training finished step=%d best_si_sdri=%.3f reason=%s", step, best,
+        log.info("training finished step=%d best_si_sdri=%.3f reason=%s", state.step,
+                 state.best_si_sdri,
                  stop_reason.replace(" ", "_"))
         if writer is not None:
             writer.close()

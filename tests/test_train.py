@@ -36,9 +36,9 @@ def data_section(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) ->
             "val_fraction": d.val_fraction}
 
 
-def write_config(path: Path, data: dict, **sections: dict) -> Path:
-    """tiny.yaml + the packed data + the given overrides, as one YAML file."""
-    cfg = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+def write_config(path: Path, data: dict, base: str = "tiny.yaml", **sections: dict) -> Path:
+    """``base`` (a tiny config) + the packed data + the given overrides, as one YAML file."""
+    cfg = yaml.safe_load((REPO / "configs" / base).read_text())
     cfg["data"] = dict(data)
     cfg.setdefault("optim", {}).update(lr=3e-3, warmup_steps=2, grad_accum=1)
     cfg["train"].update(run_dir=str(path.parent / "run"), log_every=1, val_every=1000,
@@ -146,12 +146,14 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict) -> None:
+@pytest.mark.parametrize("base", ["tiny.yaml", "td_speakerbeam_tiny.yaml",
+                                  "spex_plus_tiny.yaml"])
+def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict, base: str) -> None:
     # The SIR curriculum is still running at the kill: the resumed stream must continue it.
     settings = {"train": {"total_steps": 16, "ckpt_every": 4, "val_every": 8,
                           "keep_checkpoints": 10, "sir_boost_db": 6.0, "sir_boost_steps": 12}}
-    straight = write_config(tmp_path / "a" / "c.yaml", data_section, **settings)
-    killed = write_config(tmp_path / "b" / "c.yaml", data_section, **settings)
+    straight = write_config(tmp_path / "a" / "c.yaml", data_section, base, **settings)
+    killed = write_config(tmp_path / "b" / "c.yaml", data_section, base, **settings)
     proc = _run_train(straight)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
 
