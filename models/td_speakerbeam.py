@@ -21,11 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.conv_norms import GlobalLayerNorm
 from models.generator import rms_scale
-
-# Conv-TasNet's gLN epsilon. The statistics are computed in float32 (see GlobalLayerNorm), so it
-# neither rounds to zero under fp16/bf16 autocast nor needs raising there.
-GLN_EPS = 1e-8
 
 
 @dataclass
@@ -50,31 +47,6 @@ class TDSpeakerBeamArgs:
     # first block, where the paper's Fig. 1 puts the adaptation layer; ESPnet's recipe default
     # is 7, the end of the first repeat.
     adapt_block: int = 0
-
-
-class GlobalLayerNorm(nn.Module):
-    """Conv-TasNet's global layer norm: one mean and variance per item over channels and time,
-    then a per-channel gain and bias.
-
-    The statistics and the normalisation run in float32 whatever the input dtype: under fp16
-    autocast the variance of small activations (< 6e-8) underflows and ``GLN_EPS`` rounds to 0,
-    which turned into inf/NaN. The result is cast back to the input dtype.
-
-    Shape:
-        (B, C, T) -> (B, C, T)
-    """
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(1, channels, 1))
-        self.bias = nn.Parameter(torch.zeros(1, channels, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        # No op here is on autocast's lower-precision lists, so all of it stays float32.
-        var, mean = torch.var_mean(x32, dim=(1, 2), unbiased=False, keepdim=True)  # (B, 1, 1)
-        y = (x32 - mean) * torch.rsqrt(var + GLN_EPS) * self.weight + self.bias
-        return y.to(x.dtype)
 
 
 class ConvBlock(nn.Module):

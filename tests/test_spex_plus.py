@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from losses.separation import si_sdr_loss
-from models.spex_plus import GlobalLayerNorm, SpExPlus, SpExPlusArgs
+from models.conv_norms import GlobalLayerNorm
+from models.spex_plus import SpExPlus, SpExPlusArgs
 
 SR = 48_000
 N_SAMPLES = SR // 5  # 0.2 s

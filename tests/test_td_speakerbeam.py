@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from losses.separation import si_sdr
+from models.conv_norms import GlobalLayerNorm
 from models.generator import rms_scale
-from models.td_speakerbeam import GlobalLayerNorm, TDSpeakerBeam, TDSpeakerBeamArgs
+from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
 SAMPLE_RATE = 48_000
 # Tiny but complete: two repeats, so checkpointing crosses a repeat boundary and the last block
