@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import inspect
 import logging
 import math
@@ -249,7 +250,9 @@ def wrap_ddp(nets: Nets, device: torch.device) -> None:
 
 
 def loss_weights(cfg: Config) -> dict[str, float]:
-    return to_dict(cfg)["loss"]  # named weights: {term: weight}
+    """The named loss weights, {term: weight} (the loss section alone: this runs every
+    micro-step)."""
+    return dataclasses.asdict(cfg.loss)
 
 
 def loss_terms(

@@ -14,44 +14,40 @@ from torch import Tensor, nn
 NORM_EPS = 1e-8  # gLN/cLN variance floor, as in Conv-TasNet; the statistics are float32
 
 
-def _normalise(x: Tensor, dims: tuple[int, ...], weight: Tensor, bias: Tensor) -> Tensor:
-    """``(x - mean) / sqrt(var + NORM_EPS) * weight + bias`` over ``dims``, computed in float32
-    and returned in ``x``'s dtype: in half precision the variance of small activations
-    underflows and the division blows up (the project's fp16 lesson)."""
-    y = x.float()
-    mean = y.mean(dim=dims, keepdim=True)
-    var = (y - mean).square().mean(dim=dims, keepdim=True)
-    y = (y - mean) * torch.rsqrt(var + NORM_EPS)
-    return (y * weight.float()[:, None] + bias.float()[:, None]).to(x.dtype)
+class _ConvLayerNorm(nn.Module):
+    """``(x - mean) / sqrt(var + NORM_EPS) * weight + bias`` over ``DIMS`` of (B, C, T),
+    computed in float32 and returned in ``x``'s dtype; a per-channel gain and bias."""
+
+    DIMS: tuple[int, ...] = ()
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = x.float()
+        mean = y.mean(dim=self.DIMS, keepdim=True)
+        var = (y - mean).square().mean(dim=self.DIMS, keepdim=True)
+        y = (y - mean) * torch.rsqrt(var + NORM_EPS)
+        return (y * self.weight.float()[:, None] + self.bias.float()[:, None]).to(x.dtype)
 
 
-class GlobalLayerNorm(nn.Module):
+class GlobalLayerNorm(_ConvLayerNorm):
     """gLN (Conv-TasNet): one mean and variance per item over channels and time.
 
     Shape:
         (B, C, T) -> (B, C, T)
     """
 
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _normalise(x, (1, 2), self.weight, self.bias)
+    DIMS = (1, 2)
 
 
-class ChannelLayerNorm(nn.Module):
+class ChannelLayerNorm(_ConvLayerNorm):
     """cLN: a mean and variance per item and frame over channels.
 
     Shape:
         (B, C, T) -> (B, C, T)
     """
 
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _normalise(x, (1,), self.weight, self.bias)
+    DIMS = (1,)
