@@ -69,9 +69,10 @@ import numpy as np
 import soundfile as sf
 import soxr
 import torch
+from torch import nn
 
 from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
-from models.generator import RMS_EPS, CheckpointError, Generator
+from models.generator import RMS_EPS, CheckpointError
 from models.registry import load_model
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
@@ -338,11 +339,6 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_generator(path: Path, *, use_ema: bool = True) -> Generator:
-    """The generator of a checkpoint file (``Generator.from_checkpoint``)."""
-    return load_model(path, use_ema=use_ema)
-
-
 @dataclass
 class Job:
     mix: Path
@@ -370,7 +366,7 @@ class Extractor:
 
     def __init__(
         self,
-        model: Generator,
+        model: nn.Module,  # any registered family (models/registry.py)
         *,
         device: torch.device | str = "cpu",
         half: bool = False,
@@ -665,7 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             jobs = list_jobs(args.list)
         device = resolve_device(args.device)
-        model = load_generator(args.ckpt, use_ema=not args.no_ema)
+        model = load_model(args.ckpt, use_ema=not args.no_ema)
     except (InferenceError, CheckpointError) as err:
         _error(err)
         return 1

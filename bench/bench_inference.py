@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config, model_kwargs
 from data.audio_utils import SAMPLE_RATE, load_audio
-from inference import OVERLAP_SECONDS, WINDOW_SECONDS, Extractor, Job, load_generator
-from models.registry import build_model, checkpoint_payload
+from inference import OVERLAP_SECONDS, WINDOW_SECONDS, Extractor, Job
+from models.registry import build_model, checkpoint_payload, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -88,7 +88,7 @@ def write_repeated(path: Path, base: np.ndarray, seconds: int) -> None:
 def child(ckpt: Path, mix: Path, ref: Path, threads: int) -> None:
     """One case in this (fresh) process; prints its numbers as one JSON line."""
     torch.set_num_threads(threads)
-    extractor = Extractor(load_generator(ckpt))
+    extractor = Extractor(load_model(ckpt))
     loaded_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:
         result = extractor.run(Job(mix=mix, ref=ref, out=Path(tmp) / "out.wav"))

@@ -27,13 +27,12 @@ from inference import (
     Job,
     check_reference,
     fit_length,
-    load_generator,
     main,
     overlap_add,
     plan_windows,
     resampled_length,
 )
-from models.registry import build_model, checkpoint_payload
+from models.registry import build_model, checkpoint_payload, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 RAVDESS = "speech/ravdess"
@@ -302,7 +301,7 @@ def snr_db(estimate: np.ndarray, reference: np.ndarray) -> float:
 def test_one_window_equals_forward(ckpt: Path, audio: dict[str, Path], tmp_path: Path) -> None:
     """From a file and from memory, a recording that fits in one window comes out as
     ``Generator.forward`` makes it (up to the last bit of the scale)."""
-    model = load_generator(ckpt)
+    model = load_model(ckpt)
     out = tmp_path / "out.wav"
     extractor = Extractor(model)
     extractor.run(Job(mix=audio["stereo_44k_24bit"], ref=audio["ref"], out=out))
@@ -321,7 +320,7 @@ def test_extract_array_is_run_in_memory(
     ckpt: Path, audio: dict[str, Path], tmp_path: Path
 ) -> None:
     """The same windows, cross-fades and level from memory as from a file: the same bits."""
-    extractor = Extractor(load_generator(ckpt), window_seconds=0.5, overlap_seconds=0.125)
+    extractor = Extractor(load_model(ckpt), window_seconds=0.5, overlap_seconds=0.125)
     job = Job(mix=audio["mix"], ref=audio["ref"], out=tmp_path / "out.wav")  # 1.5 s: 4 windows
     extractor.run(job)
     from_file, _ = sf.read(job.out, dtype="float32")
@@ -344,7 +343,7 @@ def test_windows_match_one_pass_without_level_jumps(
     noise = load_audio(shared_data / "noise" / "doing_the_dishes.flac")[:n]
     mix = target + 0.7 * interferer + 0.1 * noise * target.std() / noise.std()
     sf.write(tmp_path / "long.wav", mix, SAMPLE_RATE, subtype="FLOAT")
-    model = load_generator(ckpt)
+    model = load_model(ckpt)
     job = Job(mix=tmp_path / "long.wav", ref=speech[10], out=tmp_path / "one.wav")
     Extractor(model, window_seconds=10.0).run(job)
     job.out = tmp_path / "windows.wav"
@@ -370,7 +369,7 @@ def test_windows_match_one_pass_without_level_jumps(
 def test_failure_mid_stream_leaves_nothing(
     ckpt: Path, audio: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model = load_generator(ckpt)
+    model = load_model(ckpt)
     calls = 0
     extract = model.extract
 
@@ -397,8 +396,8 @@ def test_ema_weights_unless_no_ema(tmp_path: Path) -> None:
     path = tiny_checkpoint(tmp_path / "ema.pt", seed=0, ema_seed=1)
     saved = torch.load(path, weights_only=True)
     name = next(k for k, v in saved["generator"].items() if not torch.equal(v, saved["ema"][k]))
-    ema = load_generator(path).state_dict()[name]
-    raw = load_generator(path, use_ema=False).state_dict()[name]
+    ema = load_model(path).state_dict()[name]
+    raw = load_model(path, use_ema=False).state_dict()[name]
     torch.testing.assert_close(ema, saved["ema"][name])
     torch.testing.assert_close(raw, saved["generator"][name])
 
@@ -421,7 +420,7 @@ def test_reference_cache_keeps_the_most_recently_used(
     refs = [tmp_path / f"ref{i}.flac" for i in range(4)]
     for ref in refs:
         shutil.copy(audio["ref"], ref)
-    model = load_generator(ckpt)
+    model = load_model(ckpt)
     encoded: list[int] = []
     encode = model.encode_reference
 
@@ -447,7 +446,7 @@ def test_reference_cache_keeps_the_most_recently_used(
 
 def test_half_on_cpu_warns_and_runs_fp32(ckpt: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
-        extractor = Extractor(load_generator(ckpt), device="cpu", half=True)
+        extractor = Extractor(load_model(ckpt), device="cpu", half=True)
     assert extractor.amp_dtype is None
     assert "--half needs a CUDA device" in caplog.text
 
