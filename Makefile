@@ -14,18 +14,27 @@ INSTALL := $(if $(filter $(VENV_PY),$(PY)),$(STAMP))
 .PHONY: test lint bench demo clean-venv
 
 # `make demo`: synthetic corpus (default) or DEMO=shared (RAVDESS in ../shared/data: actors
-# 01-12 train, 13-16 test). DEMO_MINUTES is the CPU training budget. ARCH picks the model family
-# (hifi_tse, td_speakerbeam, spex_plus): configs/demo_$(ARCH).yaml is layered on the demo config,
-# and the run, evaluation and extraction get their own names, so the families sit side by side.
+# 01-12 train, 13-16 test). ARCH picks the model family (hifi_tse, td_speakerbeam, spex_plus):
+# configs/demo_$(ARCH).yaml is layered on the demo config, and the run, evaluation and extraction
+# get their own names, so the families sit side by side. The budget is a number of steps, each
+# family's own (train.total_steps in its demo config, about 15 min on 2 quiet cores with the
+# schedule scaled to it), so a demo learns the same on any machine. DEMO_STEPS replaces it (the
+# schedule's steps stay); DEMO_MINUTES caps the wall-clock time on top.
 DEMO ?= synthetic
-DEMO_MINUTES ?= 15
+DEMO_STEPS ?=
+DEMO_MINUTES ?=
 ARCH ?= hifi_tse
 DEMO_CORPUS_ARGS ?=  # e.g. --n-train 8: a smaller synthetic corpus (tests/test_demo.py)
 DEMO_EVAL_ARGS ?=  # e.g. --n-samples 20
 DEMO_COND_ARGS ?=  # e.g. --n-samples 20 (bench/bench_conditioning.py)
 # Results of a non-default budget go to their own doc/benchmarks.md sections.
 ARCH_SUFFIX := $(if $(filter hifi_tse,$(ARCH)),,_$(ARCH))
-DEMO_TAG := $(DEMO)$(ARCH_SUFFIX)$(if $(filter 15,$(DEMO_MINUTES)),,_$(DEMO_MINUTES)min)
+BUDGET_SUFFIX := $(if $(DEMO_STEPS),_$(DEMO_STEPS)steps)$(if $(DEMO_MINUTES),_$(DEMO_MINUTES)min)
+DEMO_TAG := $(DEMO)$(ARCH_SUFFIX)$(BUDGET_SUFFIX)
+BUDGET_SETS := $(if $(DEMO_STEPS),--set train.total_steps=$(DEMO_STEPS)) \
+	$(if $(DEMO_MINUTES),--set train.max_minutes=$(DEMO_MINUTES))
+BUDGET_ARGS := $(if $(DEMO_STEPS),--steps $(DEMO_STEPS)) \
+	$(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))
 ifeq ($(DEMO),shared)
 DEMO_DIR := exp/demo_shared
 DEMO_CFG := configs/demo_shared.yaml
@@ -66,8 +75,8 @@ endif
 	$(PY) -m data.prepare_manifest --config $(DEMO_CFG) --no-progress
 	$(PY) -m data.prepare_manifest --config $(DEMO_TEST_CFG) --no-progress
 	rm -rf $(RUN)  # a fresh run each time (the corpus and packing are kept)
-	PYTHONUNBUFFERED=1 $(PY) train.py --config $(DEMO_CFG) $(ARCH_CFG) \
-		--set train.max_minutes=$(DEMO_MINUTES) --set train.run_dir=$(RUN)
+	PYTHONUNBUFFERED=1 $(PY) train.py --config $(DEMO_CFG) $(ARCH_CFG) $(BUDGET_SETS) \
+		--set train.run_dir=$(RUN)
 	$(PY) evaluate.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
 		--out-dir $(EVAL) $(DEMO_EVAL_ARGS)
 	$(PY) bench/bench_conditioning.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
@@ -75,8 +84,7 @@ endif
 	cat $(EVAL)/conditioning.txt
 	$(PY) inference.py --ckpt $(RUN)/best.pt --mix $(EVAL)/examples/median_mix.wav \
 		--ref $(EVAL)/examples/median_ref.wav -o $(DEMO_DIR)/extracted$(ARCH_SUFFIX).wav
-	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --minutes $(DEMO_MINUTES) \
-		--arch $(ARCH)
+	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --arch $(ARCH) $(BUDGET_ARGS)
 
 bench: $(INSTALL)
 	$(PY) bench/bench_model.py

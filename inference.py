@@ -608,7 +608,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Extract the target speaker (HiFi-TSE).",
         epilog="Pairing rules, windows and level handling: see the docstring of inference.py.",
     )
-    parser.add_argument("--ckpt", type=Path, required=True, help="HiFi-TSE checkpoint (.pt)")
+    parser.add_argument("--ckpt", type=Path, required=True,
+                        help="a checkpoint of any model family (.pt)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--mix", type=Path, help="one mixture")
     source.add_argument("--mix-dir", type=Path, help="a folder of mixtures")

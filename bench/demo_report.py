@@ -1,6 +1,6 @@
 """Put the result of `make demo` into doc/benchmarks.md and say where everything is.
 
-    python bench/demo_report.py --dir exp/demo --name synthetic
+    python bench/demo_report.py --dir exp/demo --name synthetic [--arch spex_plus] [--steps N]
 
 Reads the evaluation summary (evaluate.py's summary.json) and the run's train.log; prints a
 table and one JSON object as its last line.
@@ -22,7 +22,6 @@ from bench.report import machine, markdown_table, print_json, write_section
 LOG_STEP = re.compile(r"training finished step=(\d+)")
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ ")
 STEP_TIME = re.compile(r"^\S+ \S+ INFO step=\d+ .*step_time=([\d.]+)")
-DEFAULT_MINUTES = 15.0  # the Makefile's DEMO_MINUTES
 DEFAULT_ARCH = "hifi_tse"  # the Makefile's ARCH
 ROW_FILE = "family_row.json"  # in each evaluation folder: its row of the families table
 FAMILY_HEADER = ["family", "params", "s/step", "steps", "training wall-clock", "SI-SDRi dB",
@@ -44,14 +43,35 @@ def training_stats(log_text: str) -> tuple[int | None, float | None, float | Non
     return (steps[-1] if steps else None), step_time, wall
 
 
+def cell(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def budget_words(steps: int | None, minutes: str | None) -> str:
+    """The training budget in words, as the Makefile set it."""
+    words = f"{steps} steps" if steps else "each family's default number of steps"
+    return words + (f", capped at {minutes} min" if minutes else "")
+
+
+def budget_flags(steps: int | None, minutes: str | None) -> str:
+    return (f" DEMO_STEPS={steps}" if steps else "") + (f" DEMO_MINUTES={minutes}" if minutes
+                                                        else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, required=True, help="the demo folder (exp/demo)")
     parser.add_argument("--name", required=True, help="synthetic | shared")
-    parser.add_argument("--minutes", type=float, required=True, help="the training budget")
     parser.add_argument("--arch", default=DEFAULT_ARCH, help="the model family (Makefile ARCH)")
+    parser.add_argument("--steps", type=int, help="DEMO_STEPS, when it replaced the default")
+    parser.add_argument("--minutes", help="DEMO_MINUTES, when a wall-clock cap was set")
     args = parser.parse_args()
     suffix = "" if args.arch == DEFAULT_ARCH else f"_{args.arch}"
+    # The Makefile's BUDGET_SUFFIX: the default budget (each family's own steps) has its own
+    # sections; any other budget gets more, so a long run never overwrites the default result
+    # the README talks about.
+    budget = (f"_{args.steps}steps" if args.steps else "") + (
+        f"_{args.minutes}min" if args.minutes else "")
     run, evaluation = args.dir / f"run{suffix}", args.dir / f"eval{suffix}"
 
     summary = json.loads((evaluation / "summary.json").read_text())
@@ -62,11 +82,11 @@ def main() -> None:
     swap = json.loads(swap_lines[-1]) if swap_lines else {}
 
     def fmt(key: str, spec: str) -> str:
-        value = metrics.get(key)
-        return "n/a" if value is None else format(value, spec)
+        return cell(metrics.get(key), spec)
 
+    minutes = cell(None if wall is None else wall / 60, ".1f")
     rows = [[
-        args.name + suffix, f"{args.minutes:g} min, {step} steps", summary["generator_params"],
+        args.name + suffix, f"{step} steps, {minutes} min", summary["generator_params"],
         f"{summary['n_tp']} TP + {summary['n_ta']} TA", fmt("si_sdr", "+.2f"),
         fmt("si_sdri", "+.2f"), fmt("pesq", ".2f"), fmt("stoi", ".3f"),
         fmt("ta_suppression_db", ".1f"),
@@ -76,33 +96,29 @@ def main() -> None:
          "STOI", "TA suppression dB"], rows,
     )
     print(table)
-    # The default budget has its own section; any other budget or family gets one more, so a
-    # long run never overwrites the 15-minute result the README talks about.
-    budget = "" if args.minutes == DEFAULT_MINUTES else f"_{args.minutes:g}min"
     key = f"demo_{args.name}{suffix}{budget}"
-    command = "make demo" + (" DEMO=shared" if args.name == "shared" else "")
-    command += f" ARCH={args.arch}" if suffix else ""
-    command += f" DEMO_MINUTES={args.minutes:g}" if budget else ""
+    demo = "make demo" + (" DEMO=shared" if args.name == "shared" else "")
+    command = demo + (f" ARCH={args.arch}" if suffix else "") + budget_flags(args.steps,
+                                                                          args.minutes)
     write_section(
         key,
-        f"## `{command}` (unseen test speakers)\n\n{machine()}; CPU training for a fixed time "
-        f"budget, then `evaluate.py` on the held-out test speakers.\n\n{table}",
+        f"## `{command}` (unseen test speakers)\n\n{machine()}; CPU training for "
+        f"{budget_words(args.steps, args.minutes)} (the training column gives the steps and the "
+        f"wall-clock time they took), then `evaluate.py` on the held-out test speakers.\n\n"
+        f"{table}",
     )
 
     # The families side by side: every family's row of this demo and budget found on disk.
-    row = {"arch": args.arch, "minutes": args.minutes, "params": summary["generator_params"],
+    row = {"arch": args.arch, "budget": budget, "params": summary["generator_params"],
            "step_time": step_time, "steps": step, "wall_s": wall,
            "si_sdri": metrics.get("si_sdri"), "ta_suppression_db": metrics.get("ta_suppression_db"),
            "si_sdri_wrong_ref": swap.get("si_sdri_wrong_ref"), "pesq": metrics.get("pesq"),
            "stoi": metrics.get("stoi")}
     (evaluation / ROW_FILE).write_text(json.dumps(row))
-    def cell(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
     family_rows = []
     for path in sorted(args.dir.glob(f"eval*/{ROW_FILE}")):
         other = json.loads(path.read_text())
-        if other.get("minutes") != args.minutes:
+        if other.get("budget") != budget:
             continue
         family_rows.append([
             other["arch"], other["params"], cell(other["step_time"], ".3f"), other["steps"],
@@ -114,12 +130,12 @@ def main() -> None:
     families = markdown_table(FAMILY_HEADER, family_rows)
     write_section(
         f"demo_families_{args.name}{budget}",
-        f"## Model families on `make demo{' DEMO=shared' if args.name == 'shared' else ''}` "
-        f"(ARCH=...), {args.minutes:g} min each\n\n{machine()}; the same corpus, schedule, "
-        "wall-clock budget and unseen test speakers for every family; s/step is the mean "
-        "`step_time` of train.log (validation excluded); SI-SDRi wrong ref is "
-        "`bench/bench_conditioning.py` with another test speaker's reference.\n\n"
-        f"{families}",
+        f"## Model families on `{demo} ARCH=...{budget_flags(args.steps, args.minutes)}`\n\n"
+        f"{machine()}; the same corpus, schedule shape and unseen test speakers for every family, "
+        f"{budget_words(args.steps, args.minutes)}; s/step is the mean `step_time` of train.log "
+        "(validation excluded), training wall-clock from the first to the last line of "
+        "train.log; SI-SDRi wrong ref is `bench/bench_conditioning.py` with another test "
+        f"speaker's reference.\n\n{families}",
     )
     print(f"\ncheckpoint: {run / 'best.pt'}")
     print(f"report:     {evaluation / 'report.md'}")

@@ -1,4 +1,4 @@
-"""`make demo` end to end on a seconds budget: corpus, packing, training, evaluation on unseen
+"""`make demo` end to end on a budget of 20 steps: corpus, packing, training, evaluation on unseen
 speakers, inference and the report, run by the real Makefile in a copy of the repository.
 
 The Makefile runs with the interpreter that runs this test (``PY=sys.executable``, nothing
@@ -30,7 +30,7 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     # --no-print-directory: under CI's `make test` this make is nested and would otherwise
     # print "Leaving directory" after the report's JSON line.
     cmd = ["make", "--no-print-directory", "demo", f"PY={sys.executable}", "INSTALL=",
-           "DEMO_MINUTES=0.15",
+           "DEMO_STEPS=20",
            "DEMO_CORPUS_ARGS=--n-train 10 --n-val 2 --n-test 3 --utts-per-speaker 3",
            "DEMO_EVAL_ARGS=--n-samples 6 --jobs 1", "DEMO_COND_ARGS=--n-samples 6"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -48,6 +48,7 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert len(corpus["voices"]) == 15
 
     assert (demo / "run" / "best.pt").is_file()
+    assert "training finished step=20 " in (demo / "run" / "train.log").read_text()
     summary = json.loads((demo / "eval" / "summary.json").read_text())
     assert summary["n_samples"] == 6
     assert np.isfinite(summary["metrics"]["si_sdri"]["mean"])
@@ -56,10 +57,10 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert sr == mix_sr == 48_000
     assert len(out) == len(mix)
     last = result.stdout.strip().splitlines()[-1]
-    assert json.loads(last)["bench"] == "demo_synthetic_0.15min"  # not the 15 min section
+    assert json.loads(last)["bench"] == "demo_synthetic_20steps"  # not the default section
     doc = (repo / "doc" / "benchmarks.md").read_text()
-    assert "demo_synthetic_0.15min:start" in doc
-    swap = doc.split("<!-- conditioning_synthetic_0.15min:start -->")[1].split("<!-- ")[0]
+    assert "demo_synthetic_20steps:start" in doc
+    swap = doc.split("<!-- conditioning_synthetic_20steps:start -->")[1].split("<!-- ")[0]
     assert "SI-SDRi wrong ref dB" in swap
 
     # Another family on the same corpus (ARCH): its own run and evaluation, and one table of
@@ -70,8 +71,8 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert (demo / "run_spex_plus" / "best.pt").is_file()
     assert (demo / "run" / "best.pt").is_file(), "the hifi_tse run is kept"
     last = result.stdout.strip().splitlines()[-1]
-    assert json.loads(last)["bench"] == "demo_synthetic_spex_plus_0.15min"
+    assert json.loads(last)["bench"] == "demo_synthetic_spex_plus_20steps"
     doc = (repo / "doc" / "benchmarks.md").read_text()
-    families = doc.split("<!-- demo_families_synthetic_0.15min:start -->")[1].split("<!-- ")[0]
+    families = doc.split("<!-- demo_families_synthetic_20steps:start -->")[1].split("<!-- ")[0]
     rows = [line for line in families.splitlines() if line.startswith("| ")][1:]
     assert [row.split(" | ")[0] for row in rows] == ["| hifi_tse", "| spex_plus"], families
