@@ -168,6 +168,9 @@ class GanConfig:
     n_scales: int = 3
 
 
+EVAL_METRIC_GROUPS = ("core", "similarity", "dnsmos", "wer")
+
+
 @dataclass
 class EvalConfig:
     n_samples: int = 200
@@ -177,6 +180,10 @@ class EvalConfig:
     snr_band_edges_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0, 10.0, 15.0])
     sdr: bool = False  # BSS-Eval SDR (mir_eval): seconds per sample at 48 kHz, so off by default
     device: str = "auto"  # auto | cpu | cuda | cuda:N (the generator; metrics run on the CPU)
+    # Metric groups (evaluation/metrics.py): core (SI-SDR, PESQ, STOI, LSD, confusion, TA),
+    # similarity (Resemblyzer speaker embeddings), dnsmos (DNSMOS and personalised DNSMOS), wer
+    # (PocketSphinx; only samples with a transcript).
+    metrics: list[str] = field(default_factory=lambda: ["core"])
 
 
 @dataclass
@@ -272,6 +279,10 @@ def check_ranges(cfg: Config) -> None:
         if weight and term in registry.AUX_TERMS and term not in family.aux_terms:
             raise ConfigError(f"config key 'loss.{term}': arch {family.name} has no such output "
                               f"(only {', '.join(family.aux_terms) or 'the estimate'})")
+    unknown = sorted(set(cfg.eval.metrics) - set(EVAL_METRIC_GROUPS))
+    if unknown:
+        raise ConfigError(f"config key 'eval.metrics': unknown groups {', '.join(unknown)} "
+                          f"(known: {', '.join(EVAL_METRIC_GROUPS)})")
     betas = cfg.optim.betas
     if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
         raise ConfigError(

@@ -427,9 +427,10 @@ class Extractor:
         return z_ref
 
     def _window(
-        self, z_ref: torch.Tensor, scale: torch.Tensor
+        self, z_ref: torch.Tensor, scale: torch.Tensor | None
     ) -> Callable[[np.ndarray], np.ndarray]:
-        """The model on one window, with the file's reference embedding and scale."""
+        """The model on one window, with the file's reference embedding and scale (``None``:
+        each window's own RMS)."""
 
         def process(segment: np.ndarray) -> np.ndarray:
             mix = torch.from_numpy(segment).to(self.device)[None]  # (1, n)
@@ -466,9 +467,7 @@ class Extractor:
         Shape:
             mix (N,), ref (M,) -> (N,) float32
         """
-        ref = ref[: _reference_limit(ref.shape[0], self.sr, ref_name)]
-        check_reference(ref, self.sr, ref_name)
-        z_ref = self._embed(ref)
+        z_ref = self._checked_embedding(ref, ref_name)
         mix = np.asarray(mix, dtype=np.float32)
         n_samples = mix.shape[0]
         step = round(READ_BLOCK_SECONDS * self.sr)
@@ -482,6 +481,36 @@ class Extractor:
             out[done : done + part.shape[0]] = part
             done += part.shape[0]
         return out
+
+    def extract_chunked(
+        self, mix: np.ndarray, ref: np.ndarray, *, chunk_seconds: float, overlap_seconds: float,
+        ref_name: str | Path = "reference",
+    ) -> np.ndarray:
+        """The target as a streaming system would extract it: the mixture is cut into chunks of
+        ``chunk_seconds`` overlapping by ``overlap_seconds`` (the last one moved back to end at
+        the last sample), each chunk is processed alone, at its own level (the RMS of the chunk,
+        not of the file, which a stream cannot know in advance), with the one reference
+        embedding, and the chunks are re-assembled with the cross-fades of ``run``.
+
+        Shape:
+            mix (N,), ref (M,) -> (N,) float32
+        """
+        chunk, overlap = round(chunk_seconds * self.sr), round(overlap_seconds * self.sr)
+        if not 0 <= overlap < chunk:
+            raise ValueError(f"chunk overlap {overlap_seconds} s must be >= 0 and shorter than "
+                             f"the chunk ({chunk_seconds} s)")
+        z_ref = self._checked_embedding(ref, ref_name)
+        mix = np.asarray(mix, dtype=np.float32)
+        parts = overlap_add([mix], mix.shape[0], self._window(z_ref, None), window=chunk,
+                            overlap=overlap)
+        return np.concatenate(list(parts))
+
+    def _checked_embedding(self, ref: np.ndarray, ref_name: str | Path) -> torch.Tensor:
+        """The embedding of an in-memory reference after ``read_reference``'s checks: its
+        first ``MAX_REF_SECONDS``, refused when too short or voiceless. Shape: (M,) -> z_ref."""
+        ref = ref[: _reference_limit(ref.shape[0], self.sr, ref_name)]
+        check_reference(ref, self.sr, ref_name)
+        return self._embed(ref)
 
     def run(self, job: Job, *, keep_sr: bool = False) -> Result:
         """Extract ``job.mix`` given ``job.ref`` into ``job.out``; see the module docstring."""

@@ -22,6 +22,9 @@ from torchmetrics.functional.audio import scale_invariant_signal_distortion_rati
 
 import evaluate
 from config import load_config, model_kwargs, to_dict
+from evaluation import report
+from evaluation.metrics import COLUMNS, MetricSettings, score
+from evaluation.sources import TA, TP, Sample, csv_samples
 from models.registry import build_model, checkpoint_payload
 from tests.packed_data import packed_subset
 
@@ -91,7 +94,21 @@ def read_rows(path: Path) -> dict[str, dict[str, str]]:
 
 
 def run(*argv: str | Path) -> None:
-    evaluate.main([str(a) for a in argv])
+    """evaluate.py's command line; the core metrics unless the call names others (the model-based
+    ones have their own tests: tests/test_eval_models.py and test_model_metrics_in_a_run)."""
+    argv = [str(a) for a in argv]
+    evaluate.main(argv if "--metrics" in argv else [*argv, "--metrics", "core"])
+
+
+CORE = MetricSettings(groups=("core",))
+TP_CORE = [n for n in CORE.columns() if COLUMNS[n].conditions == (TP,)]
+
+
+def core_metrics(estimate: np.ndarray, target: np.ndarray | None,
+                 mix: np.ndarray) -> dict[str, object]:
+    """The core columns of one estimate (a TA sample when ``target`` is None)."""
+    sample = Sample("x", mix, mix, target, TP if target is not None else TA)
+    return score({"": estimate}, sample, CORE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,20 +121,20 @@ def test_validation_set_is_reproducible_and_broken_down(ckpt: Path, tmp_path: Pa
     # Worker processes the first time, the main process the second: the same bytes.
     run("--ckpt", ckpt, "--out-dir", tmp_path / "a", "--n-samples", N_VAL, "--jobs", 2)
     run("--ckpt", ckpt, "--out-dir", tmp_path / "b", "--n-samples", N_VAL, "--jobs", 0)
-    text = (tmp_path / "a" / evaluate.CSV_NAME).read_text()
-    assert text == (tmp_path / "b" / evaluate.CSV_NAME).read_text()
+    text = (tmp_path / "a" / report.CSV_NAME).read_text()
+    assert text == (tmp_path / "b" / report.CSV_NAME).read_text()
 
-    rows = read_rows(tmp_path / "a" / evaluate.CSV_NAME)
+    rows = read_rows(tmp_path / "a" / report.CSV_NAME)
     assert list(rows) == [f"val{i:05d}" for i in range(N_VAL)]
     conditions = {r["condition"] for r in rows.values()}
     assert conditions == {"TP", "TA"}, "ta_prob 0.5 over the fixed list gives both"
-    summary = json.loads((tmp_path / "a" / evaluate.SUMMARY_NAME).read_text())
+    summary = json.loads((tmp_path / "a" / report.SUMMARY_NAME).read_text())
     edges = summary["settings"]["snr_band_edges_db"]
     expected = {"all"} | conditions
     for r in rows.values():
         n = int(r["n_interferers"])
         expected.add(f"{n} interferer{'s' if n != 1 else ''}")
-        expected.add(f"SNR {evaluate.snr_band(float(r['snr_db']), edges)} dB")
+        expected.add(f"SNR {report.snr_band(float(r['snr_db']), edges)} dB")
         expected.add("noisy ref" if r["ref_noisy"] == "1" else "clean ref")
     breakdown = summary["breakdown"]
     assert set(breakdown) == expected
@@ -130,24 +147,24 @@ def test_validation_set_is_reproducible_and_broken_down(ckpt: Path, tmp_path: Pa
         assert (r["ta_suppression_db"] != "") == (not tp)
     n_tp = sum(r["condition"] == "TP" for r in rows.values())
     assert summary["metrics"]["si_sdri"]["n"] == n_tp == summary["n_tp"]
-    report = (tmp_path / "a" / evaluate.REPORT_NAME).read_text()
-    assert "| this checkpoint |" in report
-    assert "| SNR [" in report
+    text = (tmp_path / "a" / report.REPORT_NAME).read_text()
+    assert "| this checkpoint |" in text
+    assert "| SNR [" in text
 
 
 @pytest.mark.slow
 def test_triplets_outputs_and_reference_metrics(ckpt: Path, triplets: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     run("--ckpt", ckpt, "--out-dir", out, "--triplets", triplets, "--jobs", 1)
-    rows = read_rows(out / evaluate.CSV_NAME)
+    rows = read_rows(out / report.CSV_NAME)
     assert {k: r["condition"] for k, r in rows.items()} == {"a": "TP", "b": "TP", "c": "TA"}
     assert rows["a"]["n_interferers"] == rows["a"]["snr_db"] == ""
     assert math.isfinite(float(rows["c"]["ta_suppression_db"]))
     assert rows["c"]["pesq"] == ""
-    summary = json.loads((out / evaluate.SUMMARY_NAME).read_text())
+    summary = json.loads((out / report.SUMMARY_NAME).read_text())
     assert list(summary["breakdown"]) == ["all", "TP", "TA"]  # no conditions beyond TP/TA
 
-    for name in (evaluate.REPORT_NAME, evaluate.HIST_NAME):
+    for name in (report.REPORT_NAME, report.HIST_NAME):
         assert (out / name).stat().st_size > 0
     checked = 0
     for label, example in summary["examples"].items():
@@ -162,7 +179,7 @@ def test_triplets_outputs_and_reference_metrics(ckpt: Path, triplets: Path, tmp_
                     for k in ("estimate", "target"))
         assert float(row["pesq"]) == pytest.approx(pesq.pesq(16_000, ref, deg, "wb"), abs=PESQ_TOL)
         checked += 1
-    assert checked == len(evaluate.EXAMPLE_LABELS)
+    assert checked == len(report.EXAMPLE_LABELS)
     # The 16/44.1 kHz triplet and the 48 kHz one hold the same signals: close metrics.
     assert float(rows["a"]["si_sdr_mix"]) == pytest.approx(float(rows["b"]["si_sdr_mix"]), abs=0.5)
 
@@ -176,7 +193,7 @@ def test_csv_mode(ckpt: Path, triplets: Path, tmp_path: Path) -> None:
         f"two,{triplets / 'c-mixed.wav'},{triplets / 'c-ref.wav'},\n"
     )
     run("--ckpt", ckpt, "--out-dir", tmp_path / "out", "--csv", list_file, "--jobs", 0)
-    rows = read_rows(tmp_path / "out" / evaluate.CSV_NAME)
+    rows = read_rows(tmp_path / "out" / report.CSV_NAME)
     assert {k: r["condition"] for k, r in rows.items()} == {"one": "TP", "two": "TA"}
     assert math.isfinite(float(rows["one"]["pesq"]))
 
@@ -195,7 +212,7 @@ def test_ema_weights_unless_no_ema(ckpt: Path, triplets: Path, tmp_path: Path) -
     for name, flags in {"ema": [], "raw": ["--no-ema"]}.items():
         out = tmp_path / name
         run("--ckpt", with_ema, "--out-dir", out, "--csv", list_file, "--jobs", 0, *flags)
-        outputs[name] = json.loads((out / evaluate.SUMMARY_NAME).read_text())
+        outputs[name] = json.loads((out / report.SUMMARY_NAME).read_text())
     assert outputs["ema"]["weights"] == "EMA"
     assert outputs["raw"]["weights"] == "generator"
     si_sdr = {k: v["metrics"]["si_sdr"]["mean"] for k, v in outputs.items()}
@@ -223,7 +240,7 @@ def test_checkpoint_is_read_once(
     run("--ckpt", with_ema, "--out-dir", tmp_path / "out", "--csv", list_file, "--jobs", 0,
         "--set", "eval.use_ema=false")
     assert reads == [with_ema]
-    summary = json.loads((tmp_path / "out" / evaluate.SUMMARY_NAME).read_text())
+    summary = json.loads((tmp_path / "out" / report.SUMMARY_NAME).read_text())
     assert summary["weights"] == "generator"
 
 
@@ -234,12 +251,14 @@ MEMORY_CHILD = """
 import json, resource, sys
 import torch
 import evaluate
+from evaluation.runner import RunSettings, extract_all
+from evaluation.sources import triplet_samples
 from inference import Extractor
 torch.set_num_threads(1)
 args = evaluate.build_parser().parse_args(sys.argv[1:])
 extractor = Extractor(evaluate.load_checkpoint(args).model, device="cpu")
-(source,) = evaluate.triplet_samples(args.triplets)
-estimate = evaluate.extract(extractor, source.load())
+(source,) = triplet_samples(args.triplets)
+estimate = extract_all(extractor, source.load(), RunSettings())[""]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"samples": len(estimate), "peak": peak}))
 """
@@ -292,7 +311,7 @@ def test_csv_without_header_and_relative_paths(tmp_path: Path, triplets: Path) -
         (tmp_path / name).symlink_to(triplets / name)
     (tmp_path / "list.csv").write_text(
         "a-mixed.wav,a-ref.wav,a-target.wav\nc-mixed.wav,c-ref.wav\n")
-    sources = evaluate.csv_samples(tmp_path / "list.csv")
+    sources = csv_samples(tmp_path / "list.csv")
     assert [s.id for s in sources] == ["a", "c"]
     samples = [s.load() for s in sources]
     assert samples[0].target is not None
@@ -310,7 +329,7 @@ def test_metrics_match_reference_implementations(shared_data: Path) -> None:
     noise = np.random.default_rng(0).standard_normal(len(target)).astype(np.float32)
     mix = target + 0.01 * noise
     estimate = (0.8 * target + 0.002 * noise).astype(np.float32)
-    m = evaluate.compute_metrics(estimate, target, mix)
+    m = core_metrics(estimate, target, mix)
     as64 = [torch.from_numpy(x.astype(np.float64)) for x in (estimate, target, mix)]
     ref_si_sdr = float(scale_invariant_signal_distortion_ratio(as64[0], as64[1], zero_mean=True))
     ref_mix = float(scale_invariant_signal_distortion_ratio(as64[2], as64[1], zero_mean=True))
@@ -323,47 +342,48 @@ def test_metrics_match_reference_implementations(shared_data: Path) -> None:
     assert math.isnan(m["ta_suppression_db"])
     assert m["notes"] == ""
 
-    ta = evaluate.compute_metrics(0.1 * mix, None, mix)
+    ta = core_metrics(0.1 * mix, None, mix)
     assert ta["ta_suppression_db"] == pytest.approx(20.0, abs=1e-4)
-    assert all(math.isnan(ta[k]) for k in evaluate.TP_METRICS)
+    assert all(math.isnan(ta[k]) for k in TP_CORE)
 
 
 def test_metric_failures_become_nan_with_a_reason() -> None:
     noise = np.random.default_rng(1).standard_normal(SR).astype(np.float32)
-    silent = evaluate.compute_metrics(noise, np.zeros(SR, dtype=np.float32), noise)
+    silent = core_metrics(noise, np.zeros(SR, dtype=np.float32), noise)
     assert math.isnan(silent["pesq"])
     assert "pesq: NoUtterancesError: No utterances detected" in silent["notes"]
     click = np.zeros(SR, dtype=np.float32)
     click[:100] = noise[:100]  # 2 ms of signal: too little for STOI's 30 frames
-    short = evaluate.compute_metrics(noise, click, noise)
+    short = core_metrics(noise, click, noise)
     assert math.isnan(short["stoi"])
     assert math.isnan(short["estoi"])
     assert "stoi: too little non-silent speech" in short["notes"]
-    bad = evaluate.compute_metrics(np.full(SR, np.nan, dtype=np.float32), noise, noise)
+    bad = core_metrics(np.full(SR, np.nan, dtype=np.float32), noise, noise)
     assert bad["notes"] == "non-finite estimate"
     assert math.isnan(bad["si_sdr"])
 
 
 def test_summaries() -> None:
     edges = [-5.0, 0.0, 5.0, 10.0, 15.0]
-    assert [evaluate.snr_band(x, edges) for x in (-7, -5, 0, 9.9, 15, 16)] == [
+    assert [report.snr_band(x, edges) for x in (-7, -5, 0, 9.9, 15, 16)] == [
         "<-5", "[-5,0)", "[0,5)", "[5,10)", "[10,15]", ">15"]
-    stats = evaluate.describe([1.0, 2.0, 3.0, 4.0, math.nan])
+    stats = report.describe([1.0, 2.0, 3.0, 4.0, math.nan])
     assert (stats["n"], stats["mean"], stats["median"]) == (4, 2.5, 2.5)
     assert stats["std"] == pytest.approx(np.std([1, 2, 3, 4], ddof=1))
     assert (stats["p5"], stats["p95"]) == pytest.approx((1.15, 3.85))
     rows = [
         {"id": str(i), "condition": "TP", "n_interferers": 1 + i % 2, "snr_db": 3.0 * i,
-         "ref_noisy": i % 2 == 0, **dict.fromkeys(evaluate.METRICS, math.nan),
-         "si_sdri": float(i - 2)}
+         "ref_noisy": i % 2 == 0, **dict.fromkeys(CORE.columns(), math.nan),
+         "si_sdri": float(3 * (i - 2))}
         for i in range(5)
     ]
-    summary = evaluate.summarize(rows, edges)
-    assert summary["negative_si_sdri"] == {"count": 2, "n_tp": 5, "share": 0.4}
+    summary = report.summarize(rows, CORE.columns(), edges)
+    assert summary["bad_si_sdri"] == {"n_tp": 5, "below_0_db": {"count": 2, "share": 0.4},
+                                      "below_-5_db": {"count": 1, "share": 0.2}}
     assert list(summary["breakdown"]) == [
         "all", "TP", "1 interferer", "2 interferers", "SNR [0,5) dB", "SNR [5,10) dB",
         "SNR [10,15] dB", "clean ref", "noisy ref"]
-    assert evaluate.pick_examples(rows) == {"best": 4, "median": 2, "worst": 0}
+    assert report.pick_examples(rows) == {"best": 4, "median": 2, "worst": 0}
 
 
 # ---------------------------------------------------------------------------------------------

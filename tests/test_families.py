@@ -22,6 +22,7 @@ import inference
 import train
 from config import ConfigError, load_config, model_kwargs
 from data.audio_utils import load_audio
+from evaluation import report
 from models import registry
 from models.generator import rms_scale
 from models.registry import build_model, checkpoint_payload, load_model
@@ -203,7 +204,7 @@ def test_evaluate_and_inference_run_any_family(arch: str, tmp_path: Path,
 
     evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "eval"),
                    "--triplets", str(triplets), "--jobs", "0"])
-    with (tmp_path / "eval" / evaluate.CSV_NAME).open() as f:
+    with (tmp_path / "eval" / report.CSV_NAME).open() as f:
         rows = {row["id"]: row for row in csv.DictReader(f)}
     assert {k: r["condition"] for k, r in rows.items()} == {"a": "TP", "b": "TA"}
     assert math.isfinite(float(rows["b"]["ta_suppression_db"]))

@@ -1,0 +1,469 @@
+"""Statistics, breakdowns and the files an evaluation writes.
+
+Every file is written atomically (a temporary file in the same folder, then a rename):
+``per_sample.csv``, ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and, for the best,
+median and worst TP samples by SI-SDRi, ``examples/{label}_spectrogram.png`` and
+``examples/{label}_{mix,ref,estimate,target}.wav``. Summaries (mean, median, standard deviation,
+5/25/75/95th percentiles) skip NaN; the WER of a group is the corpus WER (all its errors over
+all its reference words), not a mean of per-sample rates.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+from data.audio_utils import SAMPLE_RATE, STFT, save_audio
+from evaluation.metrics import STREAM_PREFIX, column
+from evaluation.sources import TA, TP, UNKNOWN, Sample
+
+CSV_NAME, SUMMARY_NAME, REPORT_NAME = "per_sample.csv", "summary.json", "report.md"
+HIST_NAME, EXAMPLES_DIR = "si_sdri_hist.png", "examples"
+EXAMPLE_LABELS = ("best", "median", "worst")
+ROW_FIELDS = ("id", "condition", "n_interferers", "snr_db", "ref_noisy", "seconds")
+PERCENTILES = (5, 25, 75, 95)
+BAD_SI_SDRI_DB = (0.0, -5.0)  # TP samples below these SI-SDRi: made worse, and badly
+WER_COLUMNS = ("wer", "wer_mix", "wer_target", STREAM_PREFIX + "wer")
+CSV_DECIMALS = 6
+HIST_BIN_DB = 1.0
+SPEC_DYNAMIC_RANGE_DB = 80.0  # spectrogram colour range below the loudest bin of the three
+SPEC_EPS = 1e-10  # magnitude floor before the log (-200 dB)
+FIGURE_DPI = 120
+HZ_PER_KHZ = 1000.0
+CONDITIONS = (TP, TA, UNKNOWN)
+
+# SPEC §6: the v1 model, 48 kHz, 200 validation samples (158 TP + 42 TA).
+V1_REFERENCE = {
+    "label": "v1 (SPEC §6, 158 TP + 42 TA)",
+    "si_sdr": -1.87, "si_sdri": 4.01, "pesq": 1.15, "stoi": 0.488,
+    "ta_suppression_db": 11.2, "params": 7.8e6,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def describe(values: Sequence[float | None]) -> dict[str, float | int]:
+    """Count, mean, median, standard deviation (ddof 1) and percentiles of the finite values;
+    NaN statistics when there are none."""
+    x = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+    x = x[np.isfinite(x)]
+    stats: dict[str, float | int] = {"n": int(x.size)}
+    names = ["mean", "median", "std", *(f"p{p}" for p in PERCENTILES)]
+    if x.size == 0:
+        return {**stats, **dict.fromkeys(names, math.nan)}
+    values_ = [
+        float(x.mean()), float(np.median(x)), float(x.std(ddof=1)) if x.size > 1 else 0.0,
+        *(float(v) for v in np.percentile(x, PERCENTILES)),
+    ]
+    return {**stats, **dict(zip(names, values_, strict=True))}
+
+
+def corpus_wer(rows: Sequence[dict[str, Any]], name: str) -> float:
+    """All word errors over all reference words of the rows with a finite ``name`` WER."""
+    pairs = [(r[name], r["words"]) for r in rows
+             if math.isfinite(r.get(name, math.nan)) and r.get("words", 0) > 0]
+    words = sum(w for _, w in pairs)
+    return sum(wer * w for wer, w in pairs) / words if words else math.nan
+
+
+def snr_band(snr_db: float, edges: Sequence[float]) -> str:
+    """The breakdown band of an SNR: ``[lo,hi)``, the last band closed, outside ``<lo``/``>hi``."""
+    if snr_db < edges[0]:
+        return f"<{edges[0]:g}"
+    for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
+        last = i == len(edges) - 2
+        if lo <= snr_db < hi or (last and snr_db == hi):
+            return f"[{lo:g},{hi:g}{']' if last else ')'}"
+    return f">{edges[-1]:g}"
+
+
+def group_names(row: dict[str, Any], edges: Sequence[float]) -> list[str]:
+    """The breakdown groups a row belongs to (conditions the source does not know are left out)."""
+    names = ["all", row["condition"]]
+    if row.get("n_interferers") is not None:
+        n = row["n_interferers"]
+        names.append(f"{n} interferer{'s' if n != 1 else ''}")
+    if row.get("snr_db") is not None:
+        names.append(f"SNR {snr_band(row['snr_db'], edges)} dB")
+    if row.get("ref_noisy") is not None:
+        names.append("noisy ref" if row["ref_noisy"] else "clean ref")
+    return names
+
+
+def _group_order(name: str) -> tuple[int, float, str]:
+    """Sort key of the breakdown: all/conditions, interferers, SNR bands (ascending), refs."""
+    if name == "all" or name in CONDITIONS:
+        return (0, (("all", *CONDITIONS)).index(name), name)
+    if "interferer" in name:
+        return (1, float(name.split()[0]), name)
+    if name.startswith("SNR "):
+        band = name.split()[1]
+        lo = -math.inf if band.startswith("<") else float(band.strip("[>").split(",")[0])
+        return (2, lo, name)
+    return (3, 0.0, name)
+
+
+def bad_si_sdri(rows: Sequence[dict[str, Any]], key: str = "si_sdri") -> dict[str, Any]:
+    """How many TP samples (with a finite SI-SDRi) the model made worse (< 0 dB: the wrong
+    speaker or a failure) and badly worse (< -5 dB)."""
+    vals = [r[key] for r in rows if r["condition"] == TP and math.isfinite(r.get(key, math.nan))]
+    out: dict[str, Any] = {"n_tp": len(vals)}
+    for edge in BAD_SI_SDRI_DB:
+        count = sum(v < edge for v in vals)
+        out[f"below_{edge:g}_db"] = {"count": count,
+                                     "share": count / len(vals) if vals else math.nan}
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str],
+              edges: Sequence[float]) -> dict[str, Any]:
+    """Statistics of every column over all rows and per breakdown group."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        for name in group_names(row, edges):
+            groups.setdefault(name, []).append(row)
+    breakdown = {}
+    for name in sorted(groups, key=_group_order):
+        members = groups[name]
+        breakdown[name] = {
+            "n": len(members),
+            **{f"n_{c.lower()}": sum(r["condition"] == c for r in members) for c in CONDITIONS},
+            "metrics": {m: describe([r.get(m) for r in members]) for m in columns},
+            "bad_si_sdri": bad_si_sdri(members),
+            "wer": {w: corpus_wer(members, w) for w in WER_COLUMNS if w in columns},
+        }
+    summary = {
+        "metrics": breakdown["all"]["metrics"],
+        "bad_si_sdri": breakdown["all"]["bad_si_sdri"],
+        "wer": breakdown["all"]["wer"],
+        "breakdown": breakdown,
+    }
+    if STREAM_PREFIX + "si_sdri" in columns:
+        summary["stream_bad_si_sdri"] = bad_si_sdri(rows, STREAM_PREFIX + "si_sdri")
+    return summary
+
+
+def pick_examples(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Row indices of the best, median and worst TP samples by SI-SDRi (ties: first row)."""
+    tp = [i for i, r in enumerate(rows)
+          if r["condition"] == TP and math.isfinite(r.get("si_sdri", math.nan))]
+    if not tp:
+        return {}
+    ranked = sorted(tp, key=lambda i: (-rows[i]["si_sdri"], i))  # best first
+    return dict(zip(EXAMPLE_LABELS, (ranked[0], ranked[len(ranked) // 2], ranked[-1]), strict=True))
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file next to ``path`` and rename it to ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else f"{value:.{CSV_DECIMALS}f}"
+    return str(value)
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> None:
+    """One line per sample; empty cells where a value does not apply or failed."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(fields)
+    for row in rows:
+        writer.writerow([_csv_cell(row.get(k)) for k in fields])
+    write_text(path, buf.getvalue())
+
+
+def json_safe(value: Any) -> Any:
+    """NaN/inf become null: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
+
+
+def plot_histogram(path: Path, values: Sequence[float]) -> None:
+    """Histogram of the TP samples' SI-SDRi, 1 dB bins, with 0 dB and the mean marked."""
+    x = np.asarray([v for v in values if math.isfinite(v)], dtype=np.float64)
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    if x.size:
+        bins = np.arange(math.floor(x.min()), math.ceil(x.max()) + HIST_BIN_DB, HIST_BIN_DB)
+        ax.hist(x, bins=bins, color="tab:blue", edgecolor="white")
+        ax.axvline(0.0, color="black", linewidth=1, linestyle=":", label="0 dB")
+        ax.axvline(float(x.mean()), color="tab:red", linewidth=1.5,
+                   label=f"mean {x.mean():+.2f} dB")
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no target-present samples", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel("SI-SDRi (dB)")
+    ax.set_ylabel("TP samples")
+    ax.set_title(f"SI-SDRi of {x.size} target-present samples")
+    _save_figure(fig, path)
+
+
+def plot_spectrograms(path: Path, signals: dict[str, np.ndarray], title: str) -> None:
+    """Stacked log-magnitude spectrograms (the project's STFT) on one colour scale.
+
+    Shape:
+        signals: name -> (N,) at 48 kHz
+    """
+    stft = STFT()
+    db = {
+        name: 20 * np.log10(stft(torch.from_numpy(w)[None])[0].abs().numpy() + SPEC_EPS)
+        for name, w in signals.items()
+    }  # name -> (F, T)
+    vmax = max(float(d.max()) for d in db.values())
+    seconds = max(len(w) for w in signals.values()) / SAMPLE_RATE
+    fig = Figure(figsize=(10.0, 2.4 * len(db)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(len(db), 1, sharex=True))
+    image = None
+    for ax, (name, d) in zip(axes, db.items(), strict=True):
+        image = ax.imshow(d, origin="lower", aspect="auto", cmap="magma",
+                          extent=(0.0, seconds, 0.0, SAMPLE_RATE / 2 / HZ_PER_KHZ),
+                          vmin=vmax - SPEC_DYNAMIC_RANGE_DB, vmax=vmax)
+        ax.set_ylabel(f"{name}\nkHz")
+    axes[-1].set_xlabel("time (s)")
+    axes[0].set_title(title)
+    fig.colorbar(image, ax=list(axes), label="dB")
+    _save_figure(fig, path)
+
+
+def write_examples(
+    out_dir: Path,
+    picks: dict[str, int],
+    rows: Sequence[dict[str, Any]],
+    estimate_of: Callable[[int], tuple[Sample, np.ndarray]],
+) -> dict[str, Any]:
+    """Audio and spectrograms of the picked samples; ``estimate_of(index)`` loads and extracts
+    the sample again (deterministically) rather than keeping it in memory during the run."""
+    examples: dict[str, Any] = {}
+    for label, index in picks.items():
+        sample, estimate = estimate_of(index)
+        waves = {"mix": sample.mix, "ref": sample.ref, "estimate": estimate,
+                 "target": sample.target}
+        audio = {}
+        for name, wave in waves.items():
+            rel = f"{EXAMPLES_DIR}/{label}_{name}.wav"
+            save_audio(out_dir / rel, wave, SAMPLE_RATE)
+            audio[name] = rel
+        spec_rel = f"{EXAMPLES_DIR}/{label}_spectrogram.png"
+        si_sdri = rows[index]["si_sdri"]
+        plot_spectrograms(
+            out_dir / spec_rel,
+            {"mixture": sample.mix, "estimate": estimate, "target": sample.target},
+            f"{label}: {sample.id}, SI-SDRi {si_sdri:+.2f} dB",
+        )
+        examples[label] = {"id": sample.id, "si_sdri": si_sdri, "spectrogram": spec_rel,
+                           "audio": audio}
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# The Markdown report
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:{spec}}{unit}"
+
+
+def _stat(summary: dict[str, Any], name: str, key: str = "mean") -> str:
+    stats = summary["metrics"].get(name)
+    return "n/a" if stats is None else fmt(stats[key], column(name).fmt)
+
+
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in lines),
+    ]
+
+
+HEADLINE = ("si_sdr", "si_sdri", "pesq", "stoi", "ta_suppression_db")
+
+
+def _headline(info: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+    lines = [["this checkpoint", *(_stat(summary, m) for m in HEADLINE),
+              f"{info['generator_params'] / 1e6:.2f} M params"]]
+    if info["settings"].get("chunk"):
+        lines.append([f"chunked ({info['settings']['chunk']})",
+                      *(_stat(summary, STREAM_PREFIX + m) for m in HEADLINE), ""])
+    ref = V1_REFERENCE
+    lines.append([ref["label"], fmt(ref["si_sdr"]), fmt(ref["si_sdri"], "+.2f"),
+                  fmt(ref["pesq"]), fmt(ref["stoi"], ".3f"), fmt(ref["ta_suppression_db"], ".1f"),
+                  f"{ref['params'] / 1e6:.2f} M params"])
+    return _table(["model", "SI-SDR (dB)", "SI-SDRi (dB)", "PESQ", "STOI", "TA suppression (dB)",
+                   "generator"], lines)
+
+
+def _pct(share: float) -> str:
+    return fmt(100 * share, ".1f", " %")
+
+
+def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    """Wrong speaker, target-free quality and WER: the estimate against what it started from."""
+    lines: list[str] = []
+    bad = summary["bad_si_sdri"]
+    if bad["n_tp"]:
+        below0, below5 = bad["below_0_db"], bad["below_-5_db"]
+        lines += [f"- TP samples made worse (SI-SDRi < 0 dB): {below0['count']} of {bad['n_tp']} "
+                  f"({_pct(below0['share'])}); badly (< -5 dB): {below5['count']} "
+                  f"({_pct(below5['share'])})"]
+    if summary["metrics"].get("confusion", {}).get("n"):
+        conf = summary["metrics"]["confusion"]
+        lines += [f"- speaker confusion (estimate closer to an interferer than to the target, "
+                  f"SI-SDR of the sources as heard): {_pct(conf['mean'])} of {conf['n']} TP "
+                  "samples whose interferers are known"]
+    pairs = [("speaker similarity to the reference (GE2E cosine)", "spk_sim_ref", "spk_sim_mix"),
+             ("DNSMOS OVRL", "dnsmos_ovrl", "dnsmos_ovrl_mix"),
+             ("personalised DNSMOS OVRL", "pdnsmos_ovrl", "pdnsmos_ovrl_mix")]
+    table = [[label, _stat(summary, est), _stat(summary, mix)]
+             for label, est, mix in pairs if est in columns]
+    if "spk_sim_target" in columns:
+        table.append(["speaker similarity to the target", _stat(summary, "spk_sim_target"), ""])
+    wer = summary["wer"]
+    if wer and any(math.isfinite(v) for v in wer.values()):
+        table.append(["WER (corpus: all errors / all reference words)",
+                      fmt(wer.get("wer"), ".3f"), fmt(wer.get("wer_mix"), ".3f")])
+        table.append(["WER of the clean target (the recogniser's floor)",
+                      fmt(wer.get("wer_target"), ".3f"), ""])
+    if table:
+        lines += ["", *_table(["measure (mean)", "estimate", "mixture"], table)]
+    return ["## Wrong speaker, quality without a target, words", "", *lines, ""] if lines else []
+
+
+def _stream_section(info: dict[str, Any], summary: dict[str, Any],
+                    columns: Sequence[str]) -> list[str]:
+    names = [c.removeprefix(STREAM_PREFIX) for c in columns if c.startswith(STREAM_PREFIX)]
+    if not names:
+        return []
+    rows = []
+    for name in names:
+        whole, chunked = (summary["metrics"][n]["mean"] for n in (name, STREAM_PREFIX + name))
+        diff = chunked - whole if math.isfinite(whole) and math.isfinite(chunked) else math.nan
+        spec = column(name).fmt.lstrip("+")
+        rows.append([column(name).label, fmt(whole, spec), fmt(chunked, spec),
+                     fmt(diff, "+" + spec)])
+    return [f"## Chunked (streaming) extraction: {info['settings']['chunk']}", "",
+            "Each chunk extracted alone at its own level, with the one reference embedding, and "
+            "cross-faded back together (`Extractor.extract_chunked`).", "",
+            *_table(["metric (mean)", "whole file", "chunked", "difference"], rows), ""]
+
+
+def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict],
+                  columns: Sequence[str]) -> str:
+    """The Markdown report: headline (as SPEC §6), wrong speaker and target-free measures,
+    chunked extraction, distributions, breakdown, failures, examples."""
+    whole = [c for c in columns if not c.startswith(STREAM_PREFIX)]
+    counts = ", ".join(f"{info[f'n_{c.lower()}']} {c}" for c in CONDITIONS
+                       if info[f"n_{c.lower()}"])
+    lines = [
+        "# HiFi-TSE evaluation",
+        "",
+        f"- checkpoint: `{info['checkpoint']}`"
+        + (f" (step {info['step']})" if info.get("step") is not None else "")
+        + f", weights: {info['weights']}",
+        f"- samples: {info['source']}: {info['n_samples']} ({counts})",
+        f"- generator: {info['generator_params']:,} parameters ({info['arch']})",
+        *(f"- {k}: {v}" for k, v in info["settings"].items()
+          if k not in ("snr_band_edges_db", "sample_rate") and v not in (None, False)),
+        "",
+        "## Headline (means)",
+        "",
+        *_headline(info, summary),
+        "",
+        *_truth_section(summary, columns),
+        *_stream_section(info, summary, columns),
+        "## Distributions",
+        "",
+        *_table(
+            ["metric", "n", "mean", "median", "std", *(f"p{p}" for p in PERCENTILES)],
+            [
+                [column(m).label + (" (chunked)" if m.startswith(STREAM_PREFIX) else ""),
+                 str(s["n"]),
+                 *(fmt(s[k], column(m).fmt.lstrip("+"))
+                   for k in ("mean", "median", "std", *(f"p{p}" for p in PERCENTILES)))]
+                for m in columns if m != "words"
+                for s in [summary["metrics"][m]] if s["n"]
+            ],
+        ),
+        "",
+        "## Breakdown (means)",
+        "",
+        *_table(
+            ["group", *CONDITIONS, *(column(m).label for m in whole if m != "words"),
+             "SI-SDRi < 0"],
+            [
+                [name, *(str(g[f"n_{c.lower()}"]) for c in CONDITIONS),
+                 *(fmt(g["metrics"][m]["mean"], column(m).fmt) for m in whole if m != "words"),
+                 _pct(g["bad_si_sdri"]["below_0_db"]["share"])]
+                for name, g in summary["breakdown"].items()
+            ],
+        ),
+        "",
+    ]
+    failures = [(r["id"], r["notes"]) for r in rows if r.get("notes")]
+    if failures:
+        lines += ["## Metrics that failed (NaN)", "", *(f"- `{i}`: {n}" for i, n in failures), ""]
+    lines += ["## Figures and audio", "", f"![SI-SDRi histogram]({HIST_NAME})", ""]
+    examples = info["examples"]
+    if examples:
+        lines += _table(
+            ["example", "id", "SI-SDRi", "spectrogram", "audio"],
+            [
+                [label, f"`{ex['id']}`", fmt(ex["si_sdri"], "+.2f", " dB"),
+                 f"[png]({ex['spectrogram']})",
+                 " ".join(f"[{k}]({v})" for k, v in ex["audio"].items())]
+                for label, ex in examples.items()
+            ],
+        )
+    else:
+        lines.append("No target-present sample with a finite SI-SDRi: no examples.")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,343 @@
+"""Where evaluation samples come from: the fixed validation list, triplet folders and CSV lists.
+
+* the validation list of ``HiFiTSEDataset`` (split ``val``): the first ``n`` entries, the same
+  every run, with their conditions (TP/TA, interferers, SNR, noisy reference) and their sources
+  as heard in the mixture (target and interferers), which speaker confusion needs;
+* a triplet folder, in either layout:
+  - flat: ``ID-mixed.wav``, ``ID-ref.wav`` and, when the target is known, ``ID-target.wav``;
+  - three folders (the SpEx+ homework protocol): ``mix/ID-mixed.wav``, ``refs/ID-ref.wav``,
+    ``targets/ID-target.wav``;
+  optional ``ID-interferer<K>.wav`` beside the target (interferers as heard in the mixture) and
+  ``ID.txt`` beside the mixture (or in the root folder) holding the target's transcript;
+* a CSV list: rows of (mix, ref, target) paths, relative to the CSV's folder, with a header
+  naming the columns ``mix``, ``ref``, ``target`` (optionally ``id``, ``transcript``) or none
+  (then in that order).
+
+A missing target means, by ``missing_target``: ``absent``, a target-absent (TA) sample whose
+estimate should be silent (simulated sets); or ``unknown``, a real recording whose target was
+never recorded apart, scored only by the metrics that need no target (DNSMOS, speaker
+similarity to the reference, WER with a transcript). An all-zero target file is always TA.
+
+Files may have any sample rate and channel count: ``load_audio`` downmixes and resamples them to
+48 kHz. The target is cut or zero-padded to the mixture's length (at most
+``MAX_LENGTH_MISMATCH_SECONDS`` apart, else the file is rejected). A reference that cannot
+identify the target (``inference.check_reference``) is refused before any sample is extracted.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+
+from config import Config
+from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
+from data.dataset import HiFiTSEDataset, dataset_kwargs
+from inference import read_reference
+
+log = logging.getLogger("evaluate")
+
+MIX_SUFFIX, REF_SUFFIX, TARGET_SUFFIX = "-mixed.wav", "-ref.wav", "-target.wav"
+INTERFERER = re.compile(r"^(?P<id>.+)-interferer(?P<k>\d+)\.wav$")
+THREE_FOLDERS = ("mix", "refs", "targets")
+CSV_COLUMNS = ("mix", "ref", "target")
+# A target whose peak stays below this (-120 dBFS, under one 24-bit LSB) is digital silence: TA.
+SILENT_PEAK = 1e-6
+# Mixture and target may differ by this much after resampling (rounding of other sample rates);
+# a larger difference means the files do not belong together.
+MAX_LENGTH_MISMATCH_SECONDS = 0.05
+VAL_ID_FORMAT = "val{:05d}"
+MISSING_TARGET = ("absent", "unknown")
+TP, TA, UNKNOWN = "TP", "TA", "unknown"  # the conditions a sample can have
+
+
+class EvalInputError(ValueError):
+    """Evaluation input that cannot be used (a folder without triplets, a malformed CSV...);
+    the message names the file."""
+
+
+@dataclass
+class Sample:
+    """One evaluation sample at 48 kHz.
+
+    ``target`` is ``None`` when the sample has no target: ``condition`` says whether it is
+    absent (TA) or unknown (a real recording). ``heard`` are the sources as heard in the
+    mixture, target first, then the interferers, when the set stores them (speaker confusion);
+    for files, the target and the ``ID-interferer<K>.wav`` files. ``meta`` holds the validation
+    set's conditions (``n_interferers``, ``snr_db``, ``ref_noisy``).
+
+    Shape:
+        mix, target: (N,); ref: (M,); heard: (1 + K, N)
+    """
+
+    id: str
+    mix: np.ndarray
+    ref: np.ndarray
+    target: np.ndarray | None
+    condition: str = TP
+    heard: np.ndarray | None = None
+    transcript: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def scaled(self, gain: float) -> Sample:
+        """The same sample with the mixture and everything compared with it times ``gain``
+        (the reference keeps its level: it is a separate recording)."""
+
+        def times(x: np.ndarray | None) -> np.ndarray | None:
+            return None if x is None else (x * gain).astype(np.float32)
+
+        return Sample(self.id, times(self.mix), self.ref, times(self.target), self.condition,
+                      times(self.heard), self.transcript, self.meta)
+
+
+@dataclass
+class SampleSource:
+    """A sample that is read (or mixed) only when ``load`` is called: a run holds one at a time,
+    and the examples are loaded again at the end instead of being kept."""
+
+    id: str
+    load: Callable[[], Sample]
+    transcribed: bool = False  # the sample comes with its target's transcript
+
+
+# ---------------------------------------------------------------------------------------------
+# The validation set
+# ---------------------------------------------------------------------------------------------
+
+
+def _validation_item(dataset: HiFiTSEDataset, index: int) -> Sample:
+    item = dataset[index]
+    is_ta = bool(item["is_ta"])
+    heard = np.concatenate([item["comp_target"].numpy()[None], item["comp_interferers"].numpy()])
+    return Sample(
+        id=VAL_ID_FORMAT.format(index),
+        mix=item["mix"].numpy(),
+        ref=item["ref"].numpy(),
+        target=None if is_ta else item["target"].numpy(),
+        condition=TA if is_ta else TP,
+        heard=None if is_ta else heard,
+        meta={
+            "n_interferers": int(item["n_interferers"]),
+            "snr_db": float(item["snr_db"]),
+            "ref_noisy": bool(item["ref_noisy"]),
+        },
+    )
+
+
+def validation_samples(cfg: Config, n_samples: int) -> list[SampleSource]:
+    """The first ``n_samples`` of the fixed validation list (the same list every run)."""
+    kwargs = {**dataset_kwargs(cfg.data, "val"), "length": n_samples, "return_components": True}
+    dataset = HiFiTSEDataset(**kwargs)
+    return [
+        SampleSource(VAL_ID_FORMAT.format(i), partial(_validation_item, dataset, i))
+        for i in range(n_samples)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SampleFiles:
+    """The files of one sample; ``target`` is ``None`` when there is none."""
+
+    id: str
+    mix: Path
+    ref: Path
+    target: Path | None = None
+    interferers: list[Path] = field(default_factory=list)
+    transcript: str | None = None
+
+
+def _check_audio_file(path: Path) -> None:
+    """Fail early, before any model time is spent, on a missing or undecodable file."""
+    if not path.is_file():
+        raise AudioError(f"{path}: no such file")
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
+        raise AudioError(f"{path}: unreadable audio ({err})") from None
+    if info.frames == 0:
+        raise AudioError(f"{path}: empty audio")
+
+
+def _fit(path: Path, wave: np.ndarray, mix_path: Path, n: int) -> np.ndarray:
+    """``wave`` cut or zero-padded to the mixture's ``n`` samples (a few ms of resampling
+    rounding); a larger difference means the files do not belong together."""
+    if abs(len(wave) - n) > MAX_LENGTH_MISMATCH_SECONDS * SAMPLE_RATE:
+        raise EvalInputError(
+            f"{path}: {len(wave) / SAMPLE_RATE:.3f} s long, but its mixture "
+            f"{mix_path.name} is {n / SAMPLE_RATE:.3f} s"
+        )
+    return np.pad(wave[:n], (0, max(0, n - len(wave))))
+
+
+def _load_files(files: SampleFiles, missing_target: str) -> Sample:
+    mix = load_audio(files.mix)
+    ref = load_audio(files.ref)
+    target, condition = None, TA if missing_target == "absent" else UNKNOWN
+    if files.target is not None:
+        wave = _fit(files.target, load_audio(files.target), files.mix, len(mix))
+        target, condition = (wave, TP) if np.abs(wave).max() > SILENT_PEAK else (None, TA)
+    heard = None
+    if target is not None and files.interferers:
+        heard = np.stack([target, *(_fit(p, load_audio(p), files.mix, len(mix))
+                                    for p in files.interferers)])
+    return Sample(id=files.id, mix=mix, ref=ref, target=target, condition=condition, heard=heard,
+                  transcript=files.transcript)
+
+
+def _file_source(files: SampleFiles, missing_target: str) -> SampleSource:
+    for path in (files.mix, files.ref, files.target, *files.interferers):
+        if path is not None:
+            _check_audio_file(path)
+    try:
+        read_reference(files.ref)  # refused now rather than after the samples before it ran
+    except AudioError as err:  # too short or voiceless: bad evaluation input
+        raise EvalInputError(str(err)) from None
+    return SampleSource(files.id, partial(_load_files, files, missing_target),
+                        transcribed=files.transcript is not None)
+
+
+def _read_transcript(path: Path) -> str:
+    try:
+        return " ".join(path.read_text(encoding="utf-8").split())
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvalInputError(f"{path}: cannot read the transcript ({err})") from None
+
+
+def triplet_samples(folder: Path, *, missing_target: str = "absent") -> list[SampleSource]:
+    """Every ``ID-mixed.wav`` of ``folder`` (flat) or of ``folder/mix`` (three folders) with
+    its reference, optional target, interferers and transcript, sorted by ID."""
+    if not folder.is_dir():
+        raise EvalInputError(f"{folder}: no such folder")
+    three = all((folder / name).is_dir() for name in THREE_FOLDERS)
+    mix_dir, ref_dir, target_dir = ((folder / n for n in THREE_FOLDERS) if three
+                                    else (folder, folder, folder))
+    mixes = sorted(mix_dir.glob(f"*{MIX_SUFFIX}"))
+    if not mixes:
+        raise EvalInputError(
+            f"{folder}: no triplets (ID{MIX_SUFFIX} + ID{REF_SUFFIX} [+ ID{TARGET_SUFFIX}], "
+            f"in one folder or in {'/, '.join(THREE_FOLDERS)}/)"
+        )
+    interferers: dict[str, list[tuple[int, Path]]] = {}
+    for path in target_dir.glob("*-interferer*.wav"):
+        if match := INTERFERER.match(path.name):
+            interferers.setdefault(match["id"], []).append((int(match["k"]), path))
+    sources = []
+    for mix_path in mixes:
+        sample_id = mix_path.name[: -len(MIX_SUFFIX)]
+        ref_path = ref_dir / f"{sample_id}{REF_SUFFIX}"
+        if not ref_path.is_file():
+            raise AudioError(f"{ref_path}: no such file (the reference of {mix_path.name})")
+        target_path = target_dir / f"{sample_id}{TARGET_SUFFIX}"
+        text = next((p for p in (mix_dir / f"{sample_id}.txt", folder / f"{sample_id}.txt")
+                     if p.is_file()), None)
+        files = SampleFiles(
+            id=sample_id, mix=mix_path, ref=ref_path,
+            target=target_path if target_path.exists() else None,
+            interferers=[p for _, p in sorted(interferers.get(sample_id, []))],
+            transcript=None if text is None else _read_transcript(text),
+        )
+        sources.append(_file_source(files, missing_target))
+    ids = {s.id for s in sources}
+    orphans = [
+        p.name for d, suffix in ((ref_dir, REF_SUFFIX), (target_dir, TARGET_SUFFIX))
+        for p in d.glob(f"*{suffix}") if p.name[: -len(suffix)] not in ids
+    ]
+    if orphans:
+        log.warning("%s: %d files without an ID%s, ignored: %s", folder, len(orphans),
+                    MIX_SUFFIX, ", ".join(sorted(orphans)[:5]))
+    return sources
+
+
+def csv_samples(path: Path, *, missing_target: str = "absent") -> list[SampleSource]:
+    """The (mix, ref, target[, id, transcript]) rows of a CSV file (module docstring)."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvalInputError(f"{path}: cannot read the CSV ({err})") from None
+    reader = csv.reader(io.StringIO(text))
+    columns: dict[str, int] | None = None
+    sources: list[SampleSource] = []
+    seen: set[str] = set()
+    for row in reader:
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue
+        where = f"{path}:{reader.line_num}"
+        if columns is None:
+            names = [c.lower() for c in cells]
+            if "mix" in names:
+                if "ref" not in names:
+                    raise EvalInputError(f"{where}: the header has no 'ref' column")
+                wanted = (*CSV_COLUMNS, "id", "transcript")
+                columns = {name: names.index(name) for name in wanted if name in names}
+                continue
+            columns = {name: i for i, name in enumerate(CSV_COLUMNS)}
+        get = {k: cells[i] if i < len(cells) else "" for k, i in columns.items()}
+        if not get["mix"] or not get["ref"]:
+            raise EvalInputError(f"{where}: expected mix and ref paths, got {row}")
+        mix, ref = (_csv_path(path, get[k]) for k in ("mix", "ref"))
+        target = _csv_path(path, get["target"]) if get.get("target") else None
+        sample_id = get.get("id") or mix.name.removesuffix(MIX_SUFFIX).removesuffix(mix.suffix)
+        if sample_id in seen:
+            sample_id = f"{sample_id}#{reader.line_num}"
+        seen.add(sample_id)
+        files = SampleFiles(id=sample_id, mix=mix, ref=ref, target=target,
+                            transcript=get.get("transcript") or None)
+        sources.append(_file_source(files, missing_target))
+    if not sources:
+        raise EvalInputError(f"{path}: no samples in the CSV")
+    return sources
+
+
+def _csv_path(csv_file: Path, cell: str) -> Path:
+    path = Path(cell).expanduser()
+    return path if path.is_absolute() else csv_file.parent / path
+
+
+def read_transcripts(path: Path) -> dict[str, str]:
+    """A transcript file in Kaldi's ``text`` format: one ``ID words...`` line per sample."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise EvalInputError(f"{path}: cannot read the transcripts ({err})") from None
+    out: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        parts = line.split(maxsplit=1)
+        if not parts:
+            continue
+        if parts[0] in out:
+            raise EvalInputError(f"{path}:{number}: transcript of {parts[0]} given twice")
+        out[parts[0]] = parts[1] if len(parts) > 1 else ""
+    return out
+
+
+def with_transcripts(sources: list[SampleSource], transcripts: dict[str, str],
+                     name: Path) -> list[SampleSource]:
+    """The sources with the transcripts of ``--transcripts`` (they replace ``ID.txt`` files);
+    an ID of the file that names no sample is an error (a typo would silently drop a WER)."""
+    ids = {s.id for s in sources}
+    unknown = sorted(set(transcripts) - ids)
+    if unknown:
+        raise EvalInputError(f"{name}: transcripts of unknown samples: {', '.join(unknown[:5])}")
+
+    def load(source: SampleSource) -> Sample:
+        sample = source.load()
+        sample.transcript = transcripts.get(sample.id, sample.transcript)
+        return sample
+
+    return [SampleSource(s.id, partial(load, s), s.transcribed or s.id in transcripts)
+            for s in sources]
