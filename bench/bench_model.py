@@ -1,7 +1,11 @@
 """Generator cost on CPU: parameters, forward and forward+backward time, activation memory saved
-for backward with and without gradient checkpointing, and the estimated training memory.
+for backward with and without gradient checkpointing, the estimated training memory, and the two
+TF-GridNet sequence layers (``model.sequence_layer`` lstm and mamba) side by side.
 
     python bench/bench_model.py [--config configs/hifi_tse.yaml] [--runs 3] [--threads 2]
+    python bench/bench_model.py --config configs/tiny.yaml --seconds 0.5 --runs 1 --no-write
+
+(the second: a smoke run in seconds).
 
 Activation memory is the bytes of every distinct storage autograd saves for backward, counted
 with ``torch.autograd.graph.saved_tensors_hooks``. With checkpointing, autograd keeps the tensors
@@ -23,9 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, markdown_table, print_json, write_section
-from config import load_config, model_kwargs
+from config import Config, load_config, model_kwargs
 from models.generator import Generator
 from models.registry import build_model
+from models.tf_gridnet import SEQUENCE_LAYERS
 
 SEGMENT_SECONDS = 4.0
 GIB = 1024**3
@@ -75,6 +80,15 @@ def activation_memory(model: Generator, mix: torch.Tensor, ref: torch.Tensor) ->
     }
 
 
+def scan_working_set(cfg: Config, n_samples: int, batch: int) -> int:
+    """Bytes of the three (B, L, E, N) float32 tensors one Mamba scan holds at once in its
+    backward pass (models/mamba.py); the same number of positions for both paths, B*T*K."""
+    frames = n_samples // cfg.stft.hop_length + 1  # centred STFT
+    positions = batch * frames * sum(n for *_, n in cfg.model.band_regions)
+    inner = cfg.model.mamba_expand * cfg.model.feature_dim
+    return 3 * positions * inner * cfg.model.mamba_d_state * BYTES_FP32
+
+
 def median_time(fn: Callable[[], None], runs: int) -> float:
     fn()  # warm-up: first calls allocate and pick kernels
     times = []
@@ -85,11 +99,50 @@ def median_time(fn: Callable[[], None], runs: int) -> float:
     return statistics.median(times)
 
 
+def forward_backward(
+    model: Generator, mix: torch.Tensor, ref: torch.Tensor, *, ckpt: bool
+) -> Callable[[], None]:
+    def run() -> None:
+        model.train()
+        model.grad_checkpoint = ckpt
+        model.zero_grad(set_to_none=True)
+        model(mix, ref).pow(2).mean().backward()
+
+    return run
+
+
+def compare_sequence_layers(
+    config: str, n_samples: int, runs: int
+) -> dict[str, dict[str, float]]:
+    """Per sequence layer, the config otherwise unchanged: parameters, forward+backward time and
+    saved activations at batch 1 (plain, and the checkpointed peak), and for Mamba the transient
+    working set of one scan."""
+    results = {}
+    for layer in SEQUENCE_LAYERS:
+        cfg = load_config(config, [f"model.sequence_layer={layer}"])
+        torch.manual_seed(0)
+        model = build_model(model_kwargs(cfg))
+        mix, ref = torch.randn(1, n_samples), torch.randn(1, n_samples)
+        fwd_bwd = median_time(forward_backward(model, mix, ref, ckpt=False), runs)
+        mem = activation_memory(model, mix, ref)
+        scan = scan_working_set(cfg, n_samples, batch=1) if layer == "mamba" else 0
+        results[layer] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "fwd_bwd_s": round(fwd_bwd, 3),
+            "act_plain_gib": round(mem["plain"] / GIB, 3),
+            "act_ckpt_peak_gib": round(mem["ckpt_peak"] / GIB, 3),
+            "scan_working_set_gib": round(scan / GIB, 3),
+        }
+        del model
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="configs/hifi_tse.yaml")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=SEGMENT_SECONDS, help="segment length")
     parser.add_argument("--no-write", action="store_true", help="do not touch doc/benchmarks.md")
     args = parser.parse_args()
 
@@ -98,7 +151,8 @@ def main() -> None:
     cfg = load_config(args.config)
     model = build_model(model_kwargs(cfg))
     n_params = sum(p.numel() for p in model.parameters())
-    n_samples = round(SEGMENT_SECONDS * cfg.stft.sample_rate)
+    n_samples = round(args.seconds * cfg.stft.sample_rate)
+    seg = f"{args.seconds:g} s"
     mix1, ref1 = torch.randn(1, n_samples), torch.randn(1, n_samples)
 
     def forward() -> None:
@@ -106,18 +160,9 @@ def main() -> None:
         with torch.no_grad():
             model(mix1, ref1)
 
-    def forward_backward(ckpt: bool) -> Callable[[], None]:
-        def run() -> None:
-            model.train()
-            model.grad_checkpoint = ckpt
-            model.zero_grad(set_to_none=True)
-            model(mix1, ref1).pow(2).mean().backward()
-
-        return run
-
     fwd = median_time(forward, args.runs)
-    fwd_bwd = median_time(forward_backward(False), args.runs)
-    fwd_bwd_ckpt = median_time(forward_backward(True), args.runs)
+    fwd_bwd = median_time(forward_backward(model, mix1, ref1, ckpt=False), args.runs)
+    fwd_bwd_ckpt = median_time(forward_backward(model, mix1, ref1, ckpt=True), args.runs)
 
     batch = cfg.train.batch_size
     mem = activation_memory(model, torch.randn(batch, n_samples), torch.randn(batch, n_samples))
@@ -126,23 +171,26 @@ def main() -> None:
     train_plain = (states + mem["plain"]) / GIB
     train_ckpt = (states + mem["ckpt_peak"]) / GIB
 
+    # The ESPnet figures were measured at 4 s only.
+    espnet = args.seconds == SEGMENT_SECONDS
     rows = [
         ["generator parameters", f"{n_params / 1e6:.2f} M"],
         [
-            "forward, batch 1 x 4 s (no grad)",
-            f"{fwd:.2f} s (ESPnet V2 blocks alone: {ESPNET_FWD_S} s)",
+            f"forward, batch 1 x {seg} (no grad)",
+            f"{fwd:.2f} s" + (f" (ESPnet V2 blocks alone: {ESPNET_FWD_S} s)" if espnet else ""),
         ],
         [
-            "forward+backward, batch 1 x 4 s",
-            f"{fwd_bwd:.2f} s (ESPnet V2 blocks alone: {ESPNET_FWD_BWD_S} s)",
+            f"forward+backward, batch 1 x {seg}",
+            f"{fwd_bwd:.2f} s"
+            + (f" (ESPnet V2 blocks alone: {ESPNET_FWD_BWD_S} s)" if espnet else ""),
         ],
         ["forward+backward with checkpointing", f"{fwd_bwd_ckpt:.2f} s"],
         [
-            f"activations saved, batch {batch} x 4 s, no checkpointing",
+            f"activations saved, batch {batch} x {seg}, no checkpointing",
             f"{mem['plain'] / GIB:.2f} GiB",
         ],
         [
-            f"activations peak, batch {batch} x 4 s, checkpointing",
+            f"activations peak, batch {batch} x {seg}, checkpointing",
             f"{mem['ckpt_peak'] / GIB:.2f} GiB "
             f"(outside blocks {mem['ckpt_outside'] / GIB:.2f} + block inputs "
             f"{mem['ckpt_block_inputs'] / GIB:.2f} + one block {mem['ckpt_one_block'] / GIB:.2f})",
@@ -156,6 +204,31 @@ def main() -> None:
     ]
     table = markdown_table(["generator (" + args.config + ")", "measured"], rows)
     print(table)
+
+    layers = compare_sequence_layers(args.config, n_samples, args.runs)
+    layer_rows = [
+        [
+            name,
+            f"{r['params'] / 1e6:.2f} M",
+            f"{r['fwd_bwd_s']:.2f}",
+            f"{r['act_plain_gib']:.2f}",
+            f"{r['act_ckpt_peak_gib']:.2f}",
+            f"{r['scan_working_set_gib']:.2f}" if name == "mamba" else "-",
+        ]
+        for name, r in layers.items()
+    ]
+    layer_table = markdown_table(
+        [
+            "model.sequence_layer",
+            "parameters",
+            f"forward+backward, batch 1 x {seg} (s)",
+            "activations saved, no checkpointing (GiB)",
+            "activations peak, checkpointing (GiB)",
+            "one scan's backward working set (GiB)",
+        ],
+        layer_rows,
+    )
+    print(layer_table)
     if not args.no_write:
         write_section(
             "bench_model",
@@ -163,7 +236,14 @@ def main() -> None:
             f"{machine()}; fp32; median of {args.runs} runs after a warm-up.\n\n{table}\n\n"
             "Activation bytes count every distinct storage autograd saves (saved_tensors_hooks); "
             "they are CPU (oneDNN LSTM) numbers, a CUDA run saves cuDNN workspaces instead. "
-            "The ESPnet figures were measured on the same kind of machine by the issue's author.",
+            "The ESPnet figures were measured on the same kind of machine by the issue's author."
+            f"\n\n### Sequence layers: BiLSTM vs bidirectional Mamba\n\n"
+            f"The same config with only `model.sequence_layer` changed, batch 1 x {seg}; Mamba on "
+            f"the PyTorch parallel scan (models/mamba.py; a CUDA machine with mamba_ssm would use "
+            f"the fused kernel).\n\n{layer_table}\n\n"
+            "The Mamba scan keeps only its (B, L, ED) inputs for backward and recomputes its "
+            "(B, L, ED, N) states there: the last column is the transient memory of the one scan "
+            "running in backward (three such float32 tensors), on top of the saved activations.",
         )
     print_json(
         {
@@ -178,6 +258,7 @@ def main() -> None:
             "train_mem_plain_gib": round(train_plain, 3),
             "train_mem_ckpt_gib": round(train_ckpt, 3),
             "fits_budget": train_ckpt <= BUDGET_GIB,
+            "sequence_layers": layers,
         }
     )
 

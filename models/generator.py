@@ -52,6 +52,12 @@ class HiFiTSEArgs:
     mask_hidden: int = 64  # hidden width of each band's mask MLP (keeps the recipe near 12 M)
     reinject_at: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     use_film: bool = True
+    # The TF-GridNet blocks' intra-frame and sub-band paths: "lstm" (BiLSTMs of lstm_hidden, the
+    # recipe) or "mamba" (bidirectional Mambas of the two sizes below; lstm_hidden is then
+    # unused), see models/mamba.py. Checkpoints from before this key are lstm.
+    sequence_layer: str = "lstm"
+    mamba_d_state: int = 16  # SSM state size N (mamba-ssm's default)
+    mamba_expand: int = 2  # inner width = mamba_expand * feature_dim (mamba-ssm's default)
 
 
 # Constructor arguments that checkpoints written by earlier versions carry and the generator no
@@ -131,6 +137,9 @@ class Generator(nn.Module):
         mask_hidden: int = 64,
         reinject_at: list[int] | None = None,
         use_film: bool = True,
+        sequence_layer: str = "lstm",
+        mamba_d_state: int = 16,
+        mamba_expand: int = 2,
     ) -> None:
         super().__init__()
         band_regions = band_regions or [[0, 1000, 10], [1000, 8000, 28], [8000, 24000, 15]]
@@ -154,9 +163,9 @@ class Generator(nn.Module):
         self.encoder = BandSplitEncoder(bands=bands, feature_dim=feature_dim)
         self.usef = USEFCrossAttention(**attn)
         self.film = FiLMLayer(feature_dim=feature_dim) if use_film else None
-        self.blocks = nn.ModuleList(
-            TFGridNetBlock(lstm_hidden=lstm_hidden, **attn) for _ in range(n_blocks)
-        )
+        sequence = {"sequence_layer": sequence_layer, "lstm_hidden": lstm_hidden,
+                    "mamba_d_state": mamba_d_state, "mamba_expand": mamba_expand}
+        self.blocks = nn.ModuleList(TFGridNetBlock(**sequence, **attn) for _ in range(n_blocks))
         self.reinject = nn.ModuleDict(
             {str(i): SpeakerReinjectLayer(**attn) for i in sorted(set(reinject_at))}
         )

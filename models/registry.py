@@ -94,8 +94,11 @@ def model_args(args: Any, stft: dict[str, Any]) -> dict[str, Any]:
 
 def normalised_args(args: dict[str, Any]) -> dict[str, Any]:
     """A checkpoint's ``model_args`` of any version as ``model_args`` writes them today: with
-    ``arch`` (``hifi_tse`` before families existed), without retired keys."""
-    return {ARCH_KEY: args.get(ARCH_KEY, DEFAULT_ARCH), **current_model_args(args)}
+    ``arch`` (``hifi_tse`` before families existed), without retired keys, and with keys added
+    since at their defaults, which its model was built with (so that an older run resumes)."""
+    arch = args.get(ARCH_KEY, DEFAULT_ARCH)
+    defaults = dataclasses.asdict(family(arch).args())
+    return {ARCH_KEY: arch, **defaults, **current_model_args(args)}
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:
