@@ -20,6 +20,7 @@ import yaml
 
 from models import registry
 from models.generator import HiFiTSEArgs
+from models.tf_gridnet import SEQUENCE_LAYERS
 
 SAMPLE_RATE = 48_000  # every signal inside HiFi-TSE is mono 48 kHz
 
@@ -153,19 +154,29 @@ class TrainConfig:
     seed: int = 1234
 
 
+GAN_KINDS = ("hifigan", "metric")
+
+
 @dataclass
 class GanConfig:
     enabled: bool = False
+    # hifigan: HiFi-GAN's multi-period + multi-scale discriminators on the waveform (LSGAN and
+    # feature matching). metric: MetricGAN's discriminator (as in SEMamba) learns the normalised
+    # wide-band PESQ of the estimate, and the generator is pushed towards a perfect score.
+    kind: str = "hifigan"
     start_step: int = 1_200_000
     d_warmup_steps: int = 20_000  # discriminator-only updates before the generator sees it
     ramp_steps: int = 20_000  # adversarial weight ramps 0 -> full over this many steps
     # HiFi-GAN's generator objective: adversarial + feature matching (its sum over every layer,
-    # doubled, see losses/adversarial.py), both with weight 1.
+    # doubled, see losses/adversarial.py), both with weight 1. With kind metric, adv_weight
+    # weighs the metric loss and fm_weight is unused.
     adv_weight: float = 1.0
     fm_weight: float = 1.0
     lr: float = 2e-4
-    periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])
-    n_scales: int = 3
+    periods: list[int] = field(default_factory=lambda: [2, 3, 5, 7, 11])  # hifigan
+    n_scales: int = 3  # hifigan
+    metric_channels: int = 16  # metric: first convolution's width (SEMamba's), doubled per layer
+    pesq_workers: int = 2  # metric: processes computing the PESQ targets during the step
 
 
 EVAL_METRIC_GROUPS = ("core", "similarity", "dnsmos", "wer")
@@ -279,6 +290,10 @@ def check_ranges(cfg: Config) -> None:
         if weight and term in registry.AUX_TERMS and term not in family.aux_terms:
             raise ConfigError(f"config key 'loss.{term}': arch {family.name} has no such output "
                               f"(only {', '.join(family.aux_terms) or 'the estimate'})")
+    layer = getattr(cfg.model, "sequence_layer", None)  # hifi_tse's TF-GridNet paths
+    if layer is not None and layer not in SEQUENCE_LAYERS:
+        raise ConfigError(f"config key 'model.sequence_layer': expected one of "
+                          f"{', '.join(SEQUENCE_LAYERS)}, got {layer!r}")
     unknown = sorted(set(cfg.eval.metrics) - set(EVAL_METRIC_GROUPS))
     if unknown:
         raise ConfigError(f"config key 'eval.metrics': unknown groups {', '.join(unknown)} "
@@ -288,6 +303,16 @@ def check_ranges(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'optim.betas': expected two numbers in [0, 1), got {betas!r}"
         )
+    _check_gan(cfg.gan)
+
+
+def _check_gan(gan: GanConfig) -> None:
+    if gan.kind not in GAN_KINDS:
+        raise ConfigError(f"config key 'gan.kind': expected one of {', '.join(GAN_KINDS)}, "
+                          f"got {gan.kind!r}")
+    for key in ("metric_channels", "pesq_workers"):
+        if getattr(gan, key) < 1:
+            raise ConfigError(f"config key 'gan.{key}': must be >= 1, got {getattr(gan, key)}")
 
 
 def _set_arch(cfg: Config, value: Any) -> None:

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "score that too (stream_* columns)")
     parser.add_argument("--overlap", type=float, default=0.0, metavar="SECONDS",
                         help="overlap of consecutive --chunk chunks (cross-faded)")
+    parser.add_argument("--pcs", action="store_true",
+                        help="perceptual contrast stretching on every estimate (models/pcs.py, "
+                        "as inference.py --pcs)")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                         help="metric worker processes; 0 computes them in the main process")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: eval.device)")
@@ -191,7 +194,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # The metric workers take one core each; more generator threads than the cores left
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - run.jobs))
-    extractor = Extractor(loaded.model, device=device)
+    extractor = Extractor(loaded.model, device=device, pcs=args.pcs)
     sources, source_desc = _sources(args, cfg)
     groups = tuple(g for g in EVAL_METRIC_GROUPS if g in (args.metrics or cfg.eval.metrics))
     if "wer" in groups and not any(s.transcribed for s in sources):
@@ -247,6 +250,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     "(ITU-R BS.1770-4, pyloudnorm) before extraction",
             "chunk": None if run.chunk_seconds is None else
                      f"{run.chunk_seconds:g} s chunks, {run.chunk_overlap_seconds:g} s overlap",
+            "pcs": "PCS400 at 48 kHz on every estimate (models/pcs.py)" if args.pcs else None,
             "missing_target": args.missing_target,
             "snr_band_edges_db": edges,
         },

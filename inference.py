@@ -45,6 +45,11 @@ differ from the generator's float32 one in the last bit).
 ``Extractor.extract_array`` runs the same reference check and encoding, windows, cross-fades and
 one scale per file on signals already in memory; evaluate.py scores checkpoints through it.
 
+``--pcs`` post-processes every estimate with perceptual contrast stretching (``models/pcs.py``,
+SEMamba's PCS400 moved to 48 kHz, without its peak normalisation). It runs at the model rate on
+the assembled, cross-faded estimate as it streams out (before ``--keep-sr`` resampling), with
+the result PCS of the whole file would give, in bounded memory.
+
 Errors: a bad input prints one line ``error: <path>: <problem>`` to stderr, writes no output
 for that pair and makes the exit code 1 (the other pairs of a folder or list still run).
 Checkpoints are read once (``models.generator.read_checkpoint``) with ``weights_only=True``: a
@@ -73,6 +78,7 @@ from torch import nn
 
 from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
 from models.generator import RMS_EPS, CheckpointError
+from models.pcs import pcs_stream
 from models.registry import load_model
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
@@ -361,7 +367,9 @@ class Extractor:
     """Runs a generator over files of any length in bounded memory; see the module docstring.
 
     ``half`` runs the network under bf16 autocast on GPUs that support it (fp16 otherwise); the
-    STFT stays float32 in any case. It is ignored, with a warning, on the CPU.
+    STFT stays float32 in any case. It is ignored, with a warning, on the CPU. ``pcs`` applies
+    perceptual contrast stretching (models/pcs.py) to every estimate of ``run``,
+    ``extract_array`` and ``extract_chunked``.
     """
 
     def __init__(
@@ -373,6 +381,7 @@ class Extractor:
         window_seconds: float = WINDOW_SECONDS,
         overlap_seconds: float = OVERLAP_SECONDS,
         ref_cache_size: int = REF_CACHE_SIZE,
+        pcs: bool = False,
     ) -> None:
         if ref_cache_size < 0:
             raise ValueError(f"ref_cache_size must be >= 0, got {ref_cache_size}")
@@ -397,6 +406,7 @@ class Extractor:
         elif half:
             log.warning("--half needs a CUDA device; running in float32 on %s", self.device)
         self.ref_cache_size = ref_cache_size
+        self.pcs = pcs
         self._refs: OrderedDict[Path, torch.Tensor] = OrderedDict()  # least recently used first
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
@@ -453,7 +463,12 @@ class Extractor:
         rms = math.sqrt(total_energy / n_samples) + RMS_EPS
         scale = torch.full((1, 1), rms, dtype=torch.float32, device=self.device)
         process = self._window(z_ref, scale)
-        return overlap_add(blocks, n_samples, process, window=self.window, overlap=self.overlap)
+        est = overlap_add(blocks, n_samples, process, window=self.window, overlap=self.overlap)
+        # PCS on the assembled stream, not per window: the cross-fade of two stretched windows
+        # is not the stretch of their cross-fade (PCS is not linear), so seams would differ
+        # from the rest. pcs_stream gives what PCS of the whole estimate would, in bounded
+        # memory (models/pcs.py).
+        return pcs_stream(est, sr=self.sr) if self.pcs else est
 
     def extract_array(
         self, mix: np.ndarray, ref: np.ndarray, *, ref_name: str | Path = "reference"
@@ -503,7 +518,7 @@ class Extractor:
         mix = np.asarray(mix, dtype=np.float32)
         parts = overlap_add([mix], mix.shape[0], self._window(z_ref, None), window=chunk,
                             overlap=overlap)
-        return np.concatenate(list(parts))
+        return np.concatenate(list(pcs_stream(parts, sr=self.sr) if self.pcs else parts))
 
     def _checked_embedding(self, ref: np.ndarray, ref_name: str | Path) -> torch.Tensor:
         """The embedding of an in-memory reference after ``read_reference``'s checks: its
@@ -652,6 +667,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--half", action="store_true", help="bf16/fp16 autocast (CUDA only)")
     parser.add_argument("--no-ema", action="store_true", help="raw generator, not its EMA")
+    parser.add_argument("--pcs", action="store_true",
+                        help="perceptual contrast stretching (PCS400 at 48 kHz) of every output")
     parser.add_argument("--window", type=float, default=WINDOW_SECONDS, metavar="SECONDS")
     parser.add_argument("--overlap", type=float, default=OVERLAP_SECONDS, metavar="SECONDS")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
@@ -703,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         half=args.half,
         window_seconds=args.window,
         overlap_seconds=args.overlap,
+        pcs=args.pcs,
     )
     for err in errors:
         _error(err)

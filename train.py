@@ -45,7 +45,10 @@ from losses.adversarial import (
     discriminator_loss,
     feature_matching_loss,
     generator_adversarial_loss,
+    metric_discriminator_loss,
+    metric_generator_loss,
 )
+from losses.pesq_target import PESQ_OFFSET, PESQ_SPAN, PesqScorer
 from losses.separation import (
     level_loss,
     phase_sensitive_loss,
@@ -58,12 +61,14 @@ from losses.separation import (
 )
 from losses.stft_loss import MultiResolutionSTFTLoss, amplitude_loss, waveform_l1_loss
 from models.discriminator import HiFiGANDiscriminator
+from models.metric_discriminator import MetricDiscriminator
 from models.registry import build_model, normalised_args
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
 log = logging.getLogger("train")
 CKPT_PREFIX = "step_"
-LOG_ONLY_TERMS = ("loss", "rms_ratio", "disc", "adv", "feat_match")  # logged, not weighted
+# Logged, not weighted; pesq: the raw wide-band PESQ of the training estimates (gan.kind metric)
+LOG_ONLY_TERMS = ("loss", "rms_ratio", "disc", "adv", "feat_match", "pesq")
 TA_TERMS = ("ta_energy",)  # averaged over target-absent items
 ALL_ITEM_TERMS = ("speaker_ce",)  # over every item (the reference's speaker); the rest: TP items
 GAN_BETAS = (0.8, 0.99)  # HiFi-GAN's AdamW betas for the discriminators
@@ -204,13 +209,21 @@ class Nets:
     generator: nn.Module  # any registered family (models/registry.py)
     ema: nn.Module | None
     opt_g: torch.optim.Optimizer
-    disc: HiFiGANDiscriminator | None
+    disc: HiFiGANDiscriminator | MetricDiscriminator | None  # gan.kind hifigan | metric
     opt_d: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler
     mr_stft: MultiResolutionSTFTLoss
     stft: STFT  # the stft section's: spectral losses and TensorBoard images, for any family
     gen_ddp: nn.Module
     disc_ddp: nn.Module | None
+    pesq: PesqScorer | None = None  # the metric discriminator's targets (gan.kind metric)
+
+
+def disc_kind(disc: nn.Module | None) -> str | None:
+    """The ``gan.kind`` of a discriminator (None for none)."""
+    if disc is None:
+        return None
+    return "metric" if isinstance(disc, MetricDiscriminator) else "hifigan"
 
 
 def build_nets(cfg: Config, device: torch.device) -> Nets:
@@ -222,19 +235,26 @@ def build_nets(cfg: Config, device: torch.device) -> Nets:
         generator.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
         weight_decay=cfg.optim.weight_decay,
     )
-    disc = opt_d = None
-    if cfg.gan.enabled:
-        disc = HiFiGANDiscriminator(periods=tuple(cfg.gan.periods), n_scales=cfg.gan.n_scales)
+    g, s = cfg.gan, cfg.stft
+    disc = opt_d = pesq = None
+    if g.enabled and g.kind == "metric":
+        disc = MetricDiscriminator(sample_rate=s.sample_rate, n_fft=s.n_fft,
+                                   win_length=s.win_length, hop_length=s.hop_length,
+                                   channels=g.metric_channels)
+        pesq = PesqScorer(sample_rate=s.sample_rate, workers=g.pesq_workers)
+    elif g.enabled:
+        disc = HiFiGANDiscriminator(periods=tuple(g.periods), n_scales=g.n_scales)
+    if disc is not None:
         disc = disc.to(device)
-        opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.gan.lr, betas=GAN_BETAS)
+        opt_d = torch.optim.AdamW(disc.parameters(), lr=g.lr, betas=GAN_BETAS)
     ema = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.optim.ema_decay else None
     # GradScaler only for fp16: bf16 has float32's range and needs no loss scaling.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.precision == "fp16")
     return Nets(generator=generator, ema=ema, opt_g=opt_g, disc=disc, opt_d=opt_d,
                 scaler=scaler, mr_stft=MultiResolutionSTFTLoss().to(device),
-                stft=STFT(n_fft=cfg.stft.n_fft, win_length=cfg.stft.win_length,
-                          hop_length=cfg.stft.hop_length).to(device),
-                gen_ddp=generator, disc_ddp=disc)
+                stft=STFT(n_fft=s.n_fft, win_length=s.win_length,
+                          hop_length=s.hop_length).to(device),
+                gen_ddp=generator, disc_ddp=disc, pesq=pesq)
 
 
 def wrap_ddp(nets: Nets, device: torch.device) -> None:
@@ -360,16 +380,40 @@ def micro_step(
     accum = cfg.optim.grad_accum
     weights = loss_weights(cfg)
     gan_w = gan_weight(cfg, step)  # a function of the step: the same on every rank
+    metric_gan = gan_w is not None and cfg.gan.kind == "metric"
     tp = (~batch["is_ta"]).float()  # (B,) 1 = target present
     n_tp, n_ta = tp.sum(), (1 - tp).sum()
     with ddp_sync(nets, sync=(step + 1) % accum == 0):
         with autocast:
             est, aux = nets.gen_ddp(batch["mix"], batch["ref"], with_aux=True)
         est = est.float()
+        if metric_gan:
+            # PESQ of this batch starts now in worker processes (losses/pesq_target.py) and
+            # overlaps everything up to the discriminator loss below: the separation losses,
+            # both discriminator forwards and the generator's whole backward, enqueued by this
+            # thread and run by the device meanwhile.
+            pesq_future = nets.pesq.submit(est, batch["target"])
         terms = loss_terms(est, batch, nets, weights, aux)
         loss = weighted_sum(terms, batch["is_ta"], weights)
-        if gan_w is not None:
-            # ---- GAN phase: the discriminator on real targets vs detached estimates
+        if metric_gan:
+            # ---- GAN phase, MetricGAN: the discriminator predicts the normalised PESQ of
+            # (target, estimate) pairs and scores (target, target) pairs 1
+            target = batch["target"]
+            n_items = target.shape[0]
+            with autocast:
+                # One forward over both pairs: DDP expects one forward per backward.
+                pred = nets.disc_ddp(torch.cat([target, target]),
+                                     torch.cat([target, est.detach()]))  # (2B,)
+            if gan_w > 0:
+                # Through the plain module with frozen weights, as for HiFi-GAN below.
+                nets.disc.requires_grad_(False)
+                with autocast:
+                    pred_g = nets.disc(target, est)  # (B,)
+                nets.disc.requires_grad_(True)
+                terms["adv"] = metric_generator_loss(pred_g, weights=tp)
+                loss = loss + gan_w * tp.mean() * cfg.gan.adv_weight * terms["adv"]
+        elif gan_w is not None:
+            # ---- GAN phase, HiFi-GAN: the discriminator on real targets vs detached estimates
             real = batch["target"]
             n_real = real.shape[0]
             with autocast:
@@ -395,6 +439,25 @@ def micro_step(
                 loss = loss + gan_w * tp.mean() * (g.adv_weight * terms["adv"]
                                                    + g.fm_weight * terms["feat_match"])
         nets.scaler.scale(loss / accum).backward()
+        if metric_gan:
+            # The step's one wait on the host, which the metric needs by nature: PESQ runs on
+            # the CPU, on estimates that had to come off the device. It ends as soon as the
+            # workers are done (usually during the generator's backward above). The scores go
+            # back through pinned memory without a device sync; an item whose PESQ failed (NaN:
+            # no utterance found) or whose target is absent gets weight 0 in the estimate term.
+            scores = torch.from_numpy(pesq_future.result())  # (B,) float32, NaN: no score
+            host = torch.stack([scores.nan_to_num(0.0), scores.isfinite().float()])  # (2, B)
+            if est.is_cuda:
+                host = host.pin_memory()
+            metric, scored = host.to(est.device, non_blocking=True)
+            scored = tp * scored
+            terms["disc"] = metric_discriminator_loss(pred[:n_items], pred[n_items:], metric,
+                                                      clean_weights=tp, estimate_weights=scored)
+            # Scaled by the TP share as HiFi-GAN's is: an all-TA batch adds an exact zero
+            # gradient, through the same forward, backward and all-reduce as any other.
+            nets.scaler.scale(tp.mean() * terms["disc"] / accum).backward()
+            step_log.add("pesq", weighted_mean(PESQ_OFFSET + PESQ_SPAN * metric, scored),
+                         scored.sum())
 
     # estimate / target RMS per TP item: < 1 means the model is muting the target
     ratio = est.norm(dim=-1) / batch["target"].norm(dim=-1).clamp(min=RMS_FLOOR)
@@ -496,7 +559,8 @@ class TrainState:
     def payload(self, *, model_args: dict[str, Any], config: dict[str, Any],
                 rngs: list[dict[str, Any]]) -> dict[str, Any]:
         """The checkpoint dict; ``model_args`` and ``config`` let it rebuild itself."""
-        ckpt: dict[str, Any] = {"model_args": model_args, "config": config, "rng": rngs}
+        ckpt: dict[str, Any] = {"model_args": model_args, "config": config, "rng": rngs,
+                                "disc_kind": disc_kind(self.nets.disc)}
         for name in SAVED_NETS:
             part = getattr(self.nets, name)
             ckpt[name] = part.state_dict() if part is not None else None
@@ -505,7 +569,19 @@ class TrainState:
 
     def load(self, ckpt: dict[str, Any], *, rank: int) -> None:
         """Restore what ``payload`` wrote; a part this run has and the checkpoint lacks (the
-        discriminator of a run that enables the GAN phase on resume) keeps its fresh state."""
+        discriminator of a run that enables the GAN phase on resume) keeps its fresh state.
+
+        A discriminator of the other ``gan.kind`` is refused (ConfigError) before anything is
+        restored: a fresh one would skip its warm-up, since the GAN schedule is a function of
+        the step, and the generator would train against an untrained critic.
+        """
+        # Checkpoints written before gan.kind existed hold HiFi-GAN's discriminator.
+        saved = ckpt.get("disc_kind", "hifigan") if ckpt.get("disc") is not None else None
+        kind = disc_kind(self.nets.disc)
+        if saved is not None and kind is not None and saved != kind:
+            raise ConfigError(f"config key 'gan.kind' is {kind}, but the checkpoint holds a "
+                              f"{saved} discriminator: resume with gan.kind={saved}, or start "
+                              "a new run from its generator with --init")
         for name in SAVED_NETS:
             part = getattr(self.nets, name)
             if part is not None and ckpt.get(name) is not None:
@@ -687,7 +763,10 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = torch.load(resume, map_location=device, weights_only=True)
         if normalised_args(ckpt["model_args"]) != margs:
             sys.exit(f"error: {resume}: its model section differs from the config's")
-        state.load(ckpt, rank=rank)
+        try:
+            state.load(ckpt, rank=rank)
+        except ConfigError as err:
+            sys.exit(f"error: {resume}: {err}")
         log.info("resumed step=%d from=%s", state.step, resume)
     elif args.init:
         ckpt = torch.load(args.init, map_location=device, weights_only=True)
@@ -854,6 +933,8 @@ def main(argv: list[str] | None = None) -> None:
             break
 
     bar.close()
+    if nets.pesq is not None:
+        nets.pesq.close()
     if master:
         log.info("training finished step=%d best_si_sdri=%.3f reason=%s", state.step,
                  state.best_si_sdri,

@@ -1,4 +1,4 @@
-"""Least-squares GAN losses and feature matching for the HiFi-GAN discriminators.
+"""Least-squares GAN losses: HiFi-GAN's (with feature matching) and MetricGAN's.
 
 LSGAN (Mao et al., 2017) with the targets HiFi-GAN uses (Kong et al., 2020): real -> 1,
 fake -> 0 for the discriminator, fake -> 1 for the generator. The inputs are the outputs of
@@ -12,10 +12,14 @@ The three functions compute exactly HiFi-GAN's ``discriminator_loss``, ``generat
 ``adv + feature_loss + 45 * mel``; here the separation losses take the place of the mel term and
 ``gan.adv_weight = gan.fm_weight = 1`` (the defaults) keep HiFi-GAN's balance of the other two.
 
-Each function takes an optional ``weights`` (B,) 0/1 mask: the terms are then HiFi-GAN's on
-the selected items alone (the training step passes the target-present mask, since a
-target-absent item has no real target), computed over the whole batch with no data-dependent
-branch, so every DDP rank runs the same operations whatever its batch holds.
+With ``gan.kind: metric`` the least-squares targets are a metric instead
+(:func:`metric_discriminator_loss`, :func:`metric_generator_loss`, on the predictions of
+``models.metric_discriminator.MetricDiscriminator``).
+
+Each function takes a ``weights`` (B,) 0/1 mask (optional for HiFi-GAN's): the terms are then
+computed on the selected items alone (the training step passes the target-present mask, since a
+target-absent item has no real target), over the whole batch with no data-dependent branch, so
+every DDP rank runs the same operations whatever its batch holds.
 
 Every term is computed in float32 with autocast disabled, like the other losses.
 """
@@ -135,4 +139,54 @@ def feature_matching_loss(
         return HIFIGAN_FM_SCALE * total
 
 
-__all__ = ["discriminator_loss", "feature_matching_loss", "generator_adversarial_loss"]
+# ---------------------------------------------------------------------------------------------
+# MetricGAN (models/metric_discriminator.py): least squares towards a metric, as in MetricGAN+
+# and SEMamba (RoyChao19477/SEMamba, MIT, train.py), with per-item weights.
+# ---------------------------------------------------------------------------------------------
+
+
+def metric_discriminator_loss(
+    pred_clean: Tensor,
+    pred_estimate: Tensor,
+    metric: Tensor,
+    *,
+    clean_weights: Tensor,
+    estimate_weights: Tensor,
+) -> Tensor:
+    """``mean((1 - D(s, s))^2) + mean((q - D(s, s_hat))^2)``: the target paired with itself
+    scores 1 (a perfect estimate), the estimate its normalised metric ``q``.
+
+    Each mean runs over the items its weights select (the target-present ones for the clean
+    pair; for the estimate, those whose metric could be computed), with no data-dependent
+    branch: an item with weight 0 adds an exact zero gradient, whatever its ``metric`` holds.
+
+    Shape:
+        pred_clean, pred_estimate, metric, clean_weights, estimate_weights: (B,); returns a
+        scalar.
+    """
+    with autocast_off(pred_clean):
+        clean = weighted_mean((REAL_LABEL - to_float32(pred_clean)).square(), clean_weights)
+        # torch.where: a NaN placeholder of a dropped item must not reach the product.
+        q = torch.where(estimate_weights > 0, to_float32(metric), 0.0)
+        fake = weighted_mean((q - to_float32(pred_estimate)).square(), estimate_weights)
+        return clean + fake
+
+
+def metric_generator_loss(pred_estimate: Tensor, *, weights: Tensor) -> Tensor:
+    """``mean((1 - D(s, s_hat))^2)`` over the items ``weights`` selects: the estimate is pushed
+    towards the score of a perfect one.
+
+    Shape:
+        pred_estimate, weights: (B,); returns a scalar.
+    """
+    with autocast_off(pred_estimate):
+        return weighted_mean((REAL_LABEL - to_float32(pred_estimate)).square(), weights)
+
+
+__all__ = [
+    "discriminator_loss",
+    "feature_matching_loss",
+    "generator_adversarial_loss",
+    "metric_discriminator_loss",
+    "metric_generator_loss",
+]

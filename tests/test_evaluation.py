@@ -264,3 +264,18 @@ def test_run_with_lufs_chunks_and_torchmetrics_convention(
     assert "## Chunked (streaming) extraction: 0.5 s chunks, 0.1 s overlap" in text
     assert "| chunked (0.5 s chunks, 0.1 s overlap) |" in text
     assert "speaker confusion" in text
+
+
+@pytest.mark.slow
+def test_pcs_is_applied_to_every_estimate(tiny_ckpt: Path, homework: Path, tmp_path: Path) -> None:
+    """--pcs: the whole-file and the chunked estimates both go through PCS (inference.py's)."""
+    common = ["--ckpt", str(tiny_ckpt), "--triplets", str(homework), "--metrics", "core",
+              "--chunk", "0.5", "--jobs", "0"]
+    evaluate.main([*common, "--out-dir", str(tmp_path / "plain")])
+    evaluate.main([*common, "--out-dir", str(tmp_path / "pcs"), "--pcs"])
+    plain, stretched = rows_of(tmp_path / "plain"), rows_of(tmp_path / "pcs")
+    for name in ("si_sdr", "stream_si_sdr"):
+        assert plain["a"][name] != stretched["a"][name], name
+    assert plain["a"]["si_sdr_mix"] == stretched["a"]["si_sdr_mix"]
+    summary = json.loads((tmp_path / "pcs" / report.SUMMARY_NAME).read_text())
+    assert "PCS400" in summary["settings"]["pcs"]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import load_config, model_kwargs
+from config import ConfigError, load_config, model_kwargs
 from models import mamba
 from models.generator import CheckpointError
 from models.mamba import DT_MAX, DT_MIN, BiMamba, Mamba, selective_scan
@@ -310,8 +310,13 @@ def test_sequence_layer_replaces_only_the_lstm_paths() -> None:
 
 
 def test_unknown_sequence_layer_is_an_error_naming_the_key() -> None:
+    # At load, before any model is built (config.check_ranges) ...
+    with pytest.raises(ConfigError, match=r"config key 'model\.sequence_layer'.*'gru'"):
+        load_config(TINY, ["model.sequence_layer=gru"])
+    # ... and by the model itself, for a caller that builds one from a dict.
+    args = {**model_kwargs(load_config(TINY)), "sequence_layer": "gru"}
     with pytest.raises(ValueError, match=r"model\.sequence_layer 'gru'"):
-        build_model(model_kwargs(load_config(TINY, ["model.sequence_layer=gru"])))
+        build_model(args)
 
 
 @pytest.mark.parametrize(("n", "m"), [(9_601, 7_203), (4_799, 12_001)])
