@@ -179,7 +179,7 @@ class GanConfig:
     pesq_workers: int = 2  # metric: processes computing the PESQ targets during the step
 
 
-EVAL_METRIC_GROUPS = ("core", "similarity", "dnsmos", "wer")
+EVAL_METRIC_GROUPS = ("core", "similarity", "dnsmos", "wer", "visqol")
 
 
 @dataclass
@@ -192,9 +192,10 @@ class EvalConfig:
     sdr: bool = False  # BSS-Eval SDR (mir_eval): seconds per sample at 48 kHz, so off by default
     device: str = "auto"  # auto | cpu | cuda | cuda:N (the generator; metrics run on the CPU)
     # Metric groups (evaluation/metrics.py): core (SI-SDR, PESQ, STOI, LSD, confusion, TA),
-    # similarity (Resemblyzer speaker embeddings), dnsmos (DNSMOS and personalised DNSMOS), wer
-    # (PocketSphinx; only samples with a transcript).
-    metrics: list[str] = field(default_factory=lambda: ["core"])
+    # similarity (Resemblyzer speaker embeddings, 0.3 s of CPU per sample), wer (PocketSphinx,
+    # samples with a transcript: ~3 s each), dnsmos (DNSMOS and personalised DNSMOS: ~14 s of
+    # CPU per 4 s sample, so asked for, as is visqol, ViSQOL v3 audio mode at 48 kHz).
+    metrics: list[str] = field(default_factory=lambda: ["core", "similarity", "wer"])
 
 
 @dataclass

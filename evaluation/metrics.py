@@ -8,7 +8,8 @@ fails; ``notes`` then says why. Metrics come in groups that ``--metrics`` turns 
   (when the interferers are known), TA suppression, and BSS-Eval SDR with ``--sdr``;
 * ``similarity``: cosine similarity of Resemblyzer GE2E speaker embeddings (16 kHz);
 * ``dnsmos``: DNSMOS P.835 and personalised DNSMOS (16 kHz, ``speechmos``), no target needed;
-* ``wer``: word error rate of PocketSphinx transcripts (16 kHz), on samples with a transcript.
+* ``wer``: word error rate of PocketSphinx transcripts (16 kHz), on samples with a transcript;
+* ``visqol``: ViSQOL v3 in audio mode at 48 kHz (``visqol-python``), full band, needs a target.
 
 Columns that depend on the estimate are computed for each estimate a run makes (the whole-file
 one, and the chunked one of ``--chunk`` under the prefix ``stream_``); columns of the mixture or
@@ -36,6 +37,9 @@ from losses.separation import si_sdr, ta_suppression_db
 WB_PESQ_SR = 16_000  # wide-band PESQ (ITU-T P.862.2) is defined at 16 kHz
 PESQ_MODES = {WB_PESQ_SR: "wb", 8_000: "nb"}  # narrow-band P.862 at 8 kHz
 STREAM_PREFIX = "stream_"
+# DNSMOS depends on the level (RAVDESS at its own -48 dBFS scores 0.5 lower than 20 dB louder)
+# and an estimate's gain is arbitrary: every signal is scored at the DNS challenge's -25 dBFS.
+DNSMOS_LEVEL_DBFS = -25.0
 
 # The log-spectral distance: 2048-point Hann frames every 512 samples at 48 kHz (23.4 Hz bins),
 # the 8-24 kHz band that wide-band PESQ and STOI never see, frames where the target's band is
@@ -80,6 +84,7 @@ COLUMNS: dict[str, Column] = {
     "pdnsmos_bak": Column("pDNSMOS BAK", ".2f", (TP, TA, UNKNOWN), "dnsmos"),
     "pdnsmos_ovrl": Column("pDNSMOS OVRL", ".2f", (TP, TA, UNKNOWN), "dnsmos"),
     "wer": Column("WER", ".3f", (TP, UNKNOWN), "wer"),
+    "visqol": Column("ViSQOL (audio, 48 kHz)", ".2f", (TP,), "visqol"),
     # Of the mixture or the target alone: what extraction starts from.
     "si_sdr_mix": Column("SI-SDR mixture (dB)", ".2f", (TP,), "core", estimate=False),
     "lsd_hb_mix": Column("LSD 8-24 kHz mixture (dB)", ".2f", (TP,), "core", estimate=False),
@@ -309,11 +314,15 @@ def estimate_metrics(estimate: np.ndarray, sample: Sample, settings: MetricSetti
         from evaluation.dnsmos import dnsmos
 
         for name, personalized in (("dnsmos", False), ("pdnsmos", True)):
-            scores = dnsmos(estimate, sr, personalized=personalized)
+            scores = dnsmos(estimate, sr, personalized=personalized, level_dbfs=DNSMOS_LEVEL_DBFS)
             for key in ("sig", "bak", "ovrl"):
                 put[f"{name}_{key}"] = scores[key]
     if _applies("wer", sample, settings) and sample.transcript is not None:
         put["wer"] = _wer(sample.transcript, estimate, sr)
+    if _applies("visqol", sample, settings):
+        from evaluation.visqol import visqol_audio
+
+        put["visqol"] = visqol_audio(estimate, sample.target, sr)
     out.update({prefix + k: v for k, v in put.items()})
     return out
 
@@ -341,8 +350,9 @@ def baseline_metrics(sample: Sample, settings: MetricSettings, embed: _Embedding
     if "dnsmos" in settings.groups:
         from evaluation.dnsmos import dnsmos
 
-        out["dnsmos_ovrl_mix"] = dnsmos(sample.mix, sr)["ovrl"]
-        out["pdnsmos_ovrl_mix"] = dnsmos(sample.mix, sr, personalized=True)["ovrl"]
+        for name, personalized in (("dnsmos", False), ("pdnsmos", True)):
+            out[f"{name}_ovrl_mix"] = dnsmos(sample.mix, sr, personalized=personalized,
+                                            level_dbfs=DNSMOS_LEVEL_DBFS)["ovrl"]
     if _applies("wer_mix", sample, settings) and sample.transcript is not None:
         from evaluation.asr import word_errors
 

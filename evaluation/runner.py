@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -87,8 +88,10 @@ def extract_all(extractor: Extractor, sample: Sample,
 
 def _init_worker() -> None:
     # One thread per worker: the workers are the parallelism, and the generator in the main
-    # process needs the remaining cores.
+    # process needs the remaining cores (NUMBA_NUM_THREADS: ViSQOL's numba kernels, read when
+    # numba is first imported).
     torch.set_num_threads(1)
+    os.environ["NUMBA_NUM_THREADS"] = "1"
 
 
 def run_samples(

@@ -279,3 +279,31 @@ def test_pcs_is_applied_to_every_estimate(tiny_ckpt: Path, homework: Path, tmp_p
     assert plain["a"]["si_sdr_mix"] == stretched["a"]["si_sdr_mix"]
     summary = json.loads((tmp_path / "pcs" / report.SUMMARY_NAME).read_text())
     assert "PCS400" in summary["settings"]["pcs"]
+
+
+@pytest.mark.slow
+def test_model_metrics_in_a_run(tiny_ckpt: Path, homework: Path, tmp_path: Path) -> None:
+    """The groups that need a packaged model, through evaluate.py: every column that applies
+    is a number, the rest empty, and the report has the wrong-speaker / no-target table."""
+    out = tmp_path / "out"
+    evaluate.main(["--ckpt", str(tiny_ckpt), "--out-dir", str(out), "--triplets", str(homework),
+                   "--metrics", "similarity,dnsmos,wer,visqol", "--missing-target", "unknown",
+                   "--jobs", "1"])
+    rows = rows_of(out)
+    a, c = rows["a"], rows["c"]
+    for name in ("spk_sim_ref", "spk_sim_target", "spk_sim_mix", "dnsmos_ovrl", "pdnsmos_bak",
+                 "dnsmos_ovrl_mix", "pdnsmos_ovrl_mix", "wer", "wer_mix", "visqol"):
+        assert math.isfinite(float(a[name])), name
+    assert -1 <= float(a["spk_sim_ref"]) <= 1
+    assert 1 <= float(a["dnsmos_ovrl"]) <= 5
+    assert a["words"] == "6"
+    assert float(a["wer_target"]) <= 0.5, "the clean target's words are mostly recognised"
+    assert float(a["visqol"]) <= 4.74  # audio mode's maximum, a signal against itself
+    for name in ("spk_sim_ref", "dnsmos_ovrl", "pdnsmos_ovrl"):  # no target needed
+        assert math.isfinite(float(c[name])), name
+    assert c["spk_sim_target"] == c["visqol"] == c["wer"] == ""  # no target, no transcript
+    summary = json.loads((out / report.SUMMARY_NAME).read_text())
+    assert summary["wer"]["wer_target"] == pytest.approx(float(a["wer_target"]))
+    text = (out / report.REPORT_NAME).read_text()
+    assert "| WER (corpus: all errors / all reference words) |" in text
+    assert "| DNSMOS OVRL |" in text
