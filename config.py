@@ -107,6 +107,12 @@ class LossConfig:
     si_sdr_middle: float = 0.0  # SpEx+: negative SI-SDR of the middle-scale decoder
     si_sdr_long: float = 0.0  # SpEx+: negative SI-SDR of the long-scale decoder
     speaker_ce: float = 0.0  # cross-entropy of a speaker-classification head on the reference
+    # SEMamba (MP-SENet's losses) on the model's own compressed STFT, |X|^0.3, of the estimate
+    # and the target divided by the mixture's RMS (losses/mag_phase.py); its time L1 is ``l1``.
+    compressed_mag: float = 0.0  # MSE of compressed magnitudes
+    antiwrap_phase: float = 0.0  # anti-wrapping instantaneous phase + group delay + inst. freq.
+    compressed_complex: float = 0.0  # MSE of compressed complex spectra
+    consistency: float = 0.0  # compressed STFT of the output waveform vs the predicted spectrum
 
 
 @dataclass

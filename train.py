@@ -48,6 +48,7 @@ from losses.adversarial import (
     metric_discriminator_loss,
     metric_generator_loss,
 )
+from losses.mag_phase import mag_phase_terms
 from losses.pesq_target import PESQ_OFFSET, PESQ_SPAN, PesqScorer
 from losses.separation import (
     level_loss,
@@ -309,6 +310,9 @@ def loss_terms(
         ce = F.cross_entropy(aux["speaker_logits"].float(), labels.clamp(min=0),
                              reduction="none")
         terms["speaker_ce"] = weighted_mean(ce, (labels >= 0).float())
+    if "compressed_mag" in (aux or {}):  # SEMamba's terms, on the model's own compressed STFT
+        terms.update(mag_phase_terms(est, target, aux, spectrum=nets.generator.spectrum,
+                                     weights=tp))
     return terms
 
 

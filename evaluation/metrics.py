@@ -233,6 +233,13 @@ def lsd_highband(estimate: np.ndarray, target: np.ndarray, sample_rate: int = SA
     return float(np.mean(np.sqrt(np.mean(diff**2, axis=1))))
 
 
+def ta_suppression(estimate: np.ndarray, mixture: np.ndarray) -> float:
+    """Target-absent suppression in dB, ``10 log10(E_mixture / E_estimate)`` (energies over the
+    whole signal, float64; ``losses.separation.ta_suppression_db``): how far below the mixture
+    the output of a sample without its target stays. Any rate, the same for both."""
+    return float(ta_suppression_db(_t(estimate), _t(mixture))[0])
+
+
 def speaker_confusion(estimate: np.ndarray, heard: np.ndarray, *,
                       zero_mean: bool = True) -> tuple[float, float]:
     """Whether the estimate is closer to an interferer than to the target: (the best SI-SDR of
@@ -289,7 +296,7 @@ def estimate_metrics(estimate: np.ndarray, sample: Sample, settings: MetricSetti
     sr, zm = settings.sample_rate, settings.zero_mean
     put = {}
     if sample.condition == TA and "core" in settings.groups:
-        put["ta_suppression_db"] = float(ta_suppression_db(_t(estimate), _t(sample.mix))[0])
+        put["ta_suppression_db"] = ta_suppression(estimate, sample.mix)
     if sample.condition == TP and "core" in settings.groups:
         target = sample.target
         put["si_sdr"] = si_sdr_db(estimate, target, zero_mean=zm)

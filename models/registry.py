@@ -34,6 +34,7 @@ from models.generator import (
     one_line,
     read_checkpoint,
 )
+from models.semamba import SEMambaTSE, SEMambaTSEArgs
 from models.spex_plus import SpExPlus, SpExPlusArgs
 from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
@@ -62,6 +63,10 @@ FAMILIES: dict[str, Family] = {
                              takes_stft=False),
     "spex_plus": Family("spex_plus", SpExPlusArgs, SpExPlus, takes_stft=False,
                         aux_terms=("si_sdr_middle", "si_sdr_long", "speaker_ce")),
+    # A spectral model with an STFT of its own (SEMambaTSEArgs), not the stft section's.
+    "semamba": Family("semamba", SEMambaTSEArgs, SEMambaTSE, takes_stft=False,
+                      aux_terms=("compressed_mag", "antiwrap_phase", "compressed_complex",
+                                 "consistency")),
 }
 
 

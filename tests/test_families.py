@@ -30,7 +30,7 @@ from tests.packed_data import packed_subset
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hifi_tse": "tiny.yaml", "td_speakerbeam": "td_speakerbeam_tiny.yaml",
-        "spex_plus": "spex_plus_tiny.yaml"}
+        "spex_plus": "spex_plus_tiny.yaml", "semamba": "semamba_tiny.yaml"}
 N_SPEAKERS = 5  # the head of families that have one, in these unit tests
 
 
@@ -155,7 +155,7 @@ def data_section(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["td_speakerbeam", "spex_plus"])
+@pytest.mark.parametrize("arch", ["td_speakerbeam", "spex_plus", "semamba"])
 def test_train_py_steps_with_falling_loss(arch: str, tmp_path: Path, data_section: dict) -> None:
     cfg = yaml.safe_load((REPO / "configs" / TINY[arch]).read_text())
     cfg["data"] = dict(data_section)
@@ -174,12 +174,14 @@ def test_train_py_steps_with_falling_loss(arch: str, tmp_path: Path, data_sectio
     if arch == "spex_plus":  # the head's size came from the training speakers
         assert ckpt["model_args"]["n_speakers"] > 1
         assert all("speaker_ce" in r and "si_sdr_long" in r for r in rows)
+    if arch == "semamba":  # its own terms reach the loss and the log
+        assert all("consistency" in r and "antiwrap_phase" in r for r in rows)
     assert type(load_model(tmp_path / "run" / "last.pt")).__name__ == type(
         build_model(ckpt["model_args"])).__name__
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["td_speakerbeam", "spex_plus"])
+@pytest.mark.parametrize("arch", ["td_speakerbeam", "spex_plus", "semamba"])
 def test_evaluate_and_inference_run_any_family(arch: str, tmp_path: Path,
                                                shared_data: Path) -> None:
     """evaluate.py and inference.py are given only the file: the checkpoint rebuilds its family,
