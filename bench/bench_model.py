@@ -144,6 +144,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=SEGMENT_SECONDS, help="segment length")
     parser.add_argument("--no-write", action="store_true", help="do not touch doc/benchmarks.md")
+    # Opt-in, at its own length: at the recipe's 4 s the Mamba variant without checkpointing was
+    # killed by the OOM killer at 24.3 GB RSS on a 24 GB machine (2026-12-01).
+    parser.add_argument("--sequence-layers", type=float, metavar="SECONDS",
+                        help="also compare model.sequence_layer lstm and mamba at batch 1 x "
+                        "SECONDS (its own doc/benchmarks.md section)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -205,30 +210,34 @@ def main() -> None:
     table = markdown_table(["generator (" + args.config + ")", "measured"], rows)
     print(table)
 
-    layers = compare_sequence_layers(args.config, n_samples, args.runs)
-    layer_rows = [
-        [
-            name,
-            f"{r['params'] / 1e6:.2f} M",
-            f"{r['fwd_bwd_s']:.2f}",
-            f"{r['act_plain_gib']:.2f}",
-            f"{r['act_ckpt_peak_gib']:.2f}",
-            f"{r['scan_working_set_gib']:.2f}" if name == "mamba" else "-",
+    layers = None
+    if args.sequence_layers:
+        seq_seg = f"{args.sequence_layers:g} s"
+        layers = compare_sequence_layers(
+            args.config, round(args.sequence_layers * cfg.stft.sample_rate), args.runs)
+        layer_rows = [
+            [
+                name,
+                f"{r['params'] / 1e6:.2f} M",
+                f"{r['fwd_bwd_s']:.2f}",
+                f"{r['act_plain_gib']:.2f}",
+                f"{r['act_ckpt_peak_gib']:.2f}",
+                f"{r['scan_working_set_gib']:.2f}" if name == "mamba" else "-",
+            ]
+            for name, r in layers.items()
         ]
-        for name, r in layers.items()
-    ]
-    layer_table = markdown_table(
-        [
-            "model.sequence_layer",
-            "parameters",
-            f"forward+backward, batch 1 x {seg} (s)",
-            "activations saved, no checkpointing (GiB)",
-            "activations peak, checkpointing (GiB)",
-            "one scan's backward working set (GiB)",
-        ],
-        layer_rows,
-    )
-    print(layer_table)
+        layer_table = markdown_table(
+            [
+                "model.sequence_layer",
+                "parameters",
+                f"forward+backward, batch 1 x {seq_seg} (s)",
+                "activations saved, no checkpointing (GiB)",
+                "activations peak, checkpointing (GiB)",
+                "one scan's backward working set (GiB)",
+            ],
+            layer_rows,
+        )
+        print(layer_table)
     if not args.no_write:
         write_section(
             "bench_model",
@@ -236,11 +245,17 @@ def main() -> None:
             f"{machine()}; fp32; median of {args.runs} runs after a warm-up.\n\n{table}\n\n"
             "Activation bytes count every distinct storage autograd saves (saved_tensors_hooks); "
             "they are CPU (oneDNN LSTM) numbers, a CUDA run saves cuDNN workspaces instead. "
-            "The ESPnet figures were measured on the same kind of machine by the issue's author."
-            f"\n\n### Sequence layers: BiLSTM vs bidirectional Mamba\n\n"
-            f"The same config with only `model.sequence_layer` changed, batch 1 x {seg}; Mamba on "
-            f"the PyTorch parallel scan (models/mamba.py; a CUDA machine with mamba_ssm would use "
-            f"the fused kernel).\n\n{layer_table}\n\n"
+            "The ESPnet figures were measured on the same kind of machine by the issue's author.",
+        )
+    if layers is not None and not args.no_write:
+        write_section(
+            "bench_model_sequence_layers",
+            f"## Sequence layers: BiLSTM vs bidirectional Mamba (`bench/bench_model.py "
+            f"--sequence-layers {args.sequence_layers:g}`)\n\n"
+            f"{machine()}; fp32; the same config ({args.config}) with only "
+            f"`model.sequence_layer` changed, batch 1 x {seq_seg}; Mamba on the PyTorch parallel "
+            f"scan (models/mamba.py; a CUDA machine with mamba_ssm would use the fused "
+            f"kernel).\n\n{layer_table}\n\n"
             "The Mamba scan keeps only its (B, L, ED) inputs for backward and recomputes its "
             "(B, L, ED, N) states there: the last column is the transient memory of the one scan "
             "running in backward (three such float32 tensors), on top of the saved activations.",
