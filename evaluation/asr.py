@@ -18,8 +18,9 @@ import unicodedata
 
 import jiwer
 import numpy as np
-import soxr
 from pocketsphinx import Decoder
+
+from evaluation.signal import mono_at
 
 ASR_SR = 16_000  # the rate of PocketSphinx's en-us acoustic model
 INT16_SCALE = 32_767
@@ -50,12 +51,7 @@ def transcribe(wave: np.ndarray, sr: int) -> str:
         The words, lower case, separated by single spaces; empty for a silent input or when
         nothing is recognised.
     """
-    x = np.asarray(wave, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"expected a mono signal of shape (T,), got {x.shape}")
-    if sr != ASR_SR:
-        x = soxr.resample(x, sr, ASR_SR)
-    rms = float(np.sqrt(np.mean(x**2))) if x.size else 0.0
+    x, rms = mono_at(wave, sr, ASR_SR)
     if rms < SILENT_RMS:
         return ""
     pcm = np.round(np.clip(x * (TARGET_RMS / rms), -1.0, 1.0) * INT16_SCALE).astype(np.int16)

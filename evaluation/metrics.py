@@ -287,8 +287,10 @@ class _Embeddings:
 
 
 def estimate_metrics(estimate: np.ndarray, sample: Sample, settings: MetricSettings,
-                     embed: _Embeddings, notes: list[str], prefix: str = "") -> dict[str, Any]:
-    """The estimate-dependent columns of one estimate (NaN where they do not apply)."""
+                     embed: _Embeddings, notes: list[str], prefix: str = "",
+                     si_sdr_mix: float = math.nan) -> dict[str, Any]:
+    """The estimate-dependent columns of one estimate (NaN where they do not apply);
+    ``si_sdr_mix`` is the mixture's SI-SDR (``baseline_metrics``), which SI-SDRi subtracts."""
     out = _nan_row(settings, prefix, estimate=True)
     if not np.isfinite(estimate).all():
         notes.append(f"{prefix}non-finite estimate")
@@ -300,7 +302,7 @@ def estimate_metrics(estimate: np.ndarray, sample: Sample, settings: MetricSetti
     if sample.condition == TP and "core" in settings.groups:
         target = sample.target
         put["si_sdr"] = si_sdr_db(estimate, target, zero_mean=zm)
-        put["si_sdri"] = put["si_sdr"] - si_sdr_db(sample.mix, target, zero_mean=zm)
+        put["si_sdri"] = put["si_sdr"] - si_sdr_mix
         put["pesq"] = pesq(estimate, target, sr, settings.pesq_sr, notes)
         put["stoi"] = stoi(estimate, target, sr, extended=False, notes=notes)
         put["estoi"] = stoi(estimate, target, sr, extended=True, notes=notes)
@@ -382,6 +384,7 @@ def score(estimates: dict[str, np.ndarray], sample: Sample,
     embed = _Embeddings(settings.sample_rate)
     row = baseline_metrics(sample, settings, embed, notes)
     for prefix, estimate in estimates.items():
-        row.update(estimate_metrics(estimate, sample, settings, embed, notes, prefix))
+        row.update(estimate_metrics(estimate, sample, settings, embed, notes, prefix,
+                                    si_sdr_mix=row.get("si_sdr_mix", math.nan)))
     row["notes"] = "; ".join(dict.fromkeys(notes))
     return row

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-import soxr
+
+from evaluation.signal import mono_at
 
 if TYPE_CHECKING:
     from resemblyzer import VoiceEncoder
@@ -100,12 +101,7 @@ def _prepare(wave: np.ndarray, sr: int) -> np.ndarray | None:
     in training and it stops long silences (or residual noise in them) from diluting the
     average over 1.6 s partial windows.
     """
-    x = np.asarray(wave, dtype=np.float64)
-    if x.ndim != 1:
-        raise ValueError(f"expected a mono signal of shape (T,), got {x.shape}")
-    if sr != ENCODER_SR:
-        x = soxr.resample(x, sr, ENCODER_SR)
-    rms = float(np.sqrt(np.mean(x**2))) if x.size else 0.0
+    x, rms = mono_at(wave, sr, ENCODER_SR)
     if rms < SILENT_RMS:
         return None
     # Scaled to -30 dBFS RMS a speech signal peaks well below full scale; the clip only guards
