@@ -113,6 +113,9 @@ class LossConfig:
     antiwrap_phase: float = 0.0  # anti-wrapping instantaneous phase + group delay + inst. freq.
     compressed_complex: float = 0.0  # MSE of compressed complex spectra
     consistency: float = 0.0  # compressed STFT of the output waveform vs the predicted spectrum
+    # arch sgmse_refiner: its SDE's loss (OUVE: denoising score matching; SBVE: data
+    # prediction), over every item, the family's whole objective (the other weights 0)
+    score_matching: float = 0.0
 
 
 @dataclass
@@ -297,6 +300,18 @@ def check_ranges(cfg: Config) -> None:
         if weight and term in registry.AUX_TERMS and term not in family.aux_terms:
             raise ConfigError(f"config key 'loss.{term}': arch {family.name} has no such output "
                               f"(only {', '.join(family.aux_terms) or 'the estimate'})")
+    if family.objective is not None:
+        # A family trained by an objective of its own (the refiner) gives the trainer an
+        # estimate without a gradient: any other weight, or a GAN, would train nothing.
+        if not getattr(cfg.loss, family.objective):
+            raise ConfigError(f"config key 'loss.{family.objective}': arch {family.name} trains "
+                              "by this term alone; it must be > 0")
+        others = [k for k, w in asdict(cfg.loss).items() if w and k != family.objective]
+        if others:
+            raise ConfigError(f"config key 'loss.{others[0]}': arch {family.name} trains by "
+                              f"loss.{family.objective} alone; set the others to 0")
+        if cfg.gan.enabled:
+            raise ConfigError(f"config key 'gan.enabled': arch {family.name} has no GAN phase")
     layer = getattr(cfg.model, "sequence_layer", None)  # hifi_tse's TF-GridNet paths
     if layer is not None and layer not in SEQUENCE_LAYERS:
         raise ConfigError(f"config key 'model.sequence_layer': expected one of "

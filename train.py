@@ -62,8 +62,9 @@ from losses.separation import (
 )
 from losses.stft_loss import MultiResolutionSTFTLoss, amplitude_loss, waveform_l1_loss
 from models.discriminator import HiFiGANDiscriminator
+from models.generator import CheckpointError
 from models.metric_discriminator import MetricDiscriminator
-from models.registry import build_model, normalised_args
+from models.registry import arch_of, build_model, family, normalised_args, validation_context
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
 
 log = logging.getLogger("train")
@@ -71,7 +72,9 @@ CKPT_PREFIX = "step_"
 # Logged, not weighted; pesq: the raw wide-band PESQ of the training estimates (gan.kind metric)
 LOG_ONLY_TERMS = ("loss", "rms_ratio", "disc", "adv", "feat_match", "pesq")
 TA_TERMS = ("ta_energy",)  # averaged over target-absent items
-ALL_ITEM_TERMS = ("speaker_ce",)  # over every item (the reference's speaker); the rest: TP items
+# Averaged over every item: the speaker head (it classifies the reference) and a family's own
+# objective (the refiner learns silence from TA items too); the other terms over TP items.
+ALL_ITEM_TERMS = ("speaker_ce", "score_matching")
 GAN_BETAS = (0.8, 0.99)  # HiFi-GAN's AdamW betas for the discriminators
 DDP_ARGS = inspect.signature(DDP.__init__).parameters
 RMS_FLOOR = 1e-8  # target norm floor of the logged rms_ratio (TA targets are all zeros)
@@ -227,14 +230,33 @@ def disc_kind(disc: nn.Module | None) -> str | None:
     return "metric" if isinstance(disc, MetricDiscriminator) else "hifigan"
 
 
-def build_nets(cfg: Config, device: torch.device) -> Nets:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: the trained parameters (a frozen part, such as a refiner's
+    first stage, is left out), with ``weight_decay`` except those tagged ``_no_weight_decay``
+    (Mamba's A_log and D, as mamba-ssm). The second group exists only when something is
+    tagged, so that an optimizer state saved with one group still resumes."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    exempt = [p for p in trained if getattr(p, "_no_weight_decay", False)]
+    ids = {id(p) for p in exempt}
+    groups = [{"params": [p for p in trained if id(p) not in ids], "weight_decay": weight_decay}]
+    if exempt:
+        groups.append({"params": exempt, "weight_decay": 0.0})
+    return groups
+
+
+def build_nets(cfg: Config, device: torch.device, *, load_parts: bool = True) -> Nets:
     """Generator (+ EMA), discriminator when the GAN phase is configured, optimisers, scaler.
-    Call ``torch.manual_seed`` first: every rank must build the same initial weights."""
-    generator = build_model(model_kwargs(cfg)).to(device)
+    Call ``torch.manual_seed`` first: every rank must build the same initial weights.
+    ``load_parts``: load the weights of parts that other checkpoints hold (a refiner's first
+    stage), as a new run does; a resumed run reads them from its own checkpoint."""
+    generator = build_model(model_kwargs(cfg))
+    if load_parts and hasattr(generator, "load_first_stage"):
+        generator.load_first_stage()  # before the EMA copy below, which must hold them too
+    generator = generator.to(device)
     generator.grad_checkpoint = cfg.train.grad_checkpoint
     opt_g = torch.optim.AdamW(
-        generator.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        weight_decay=cfg.optim.weight_decay,
+        param_groups(generator, cfg.optim.weight_decay), lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
     )
     g, s = cfg.gan, cfg.stft
     disc = opt_d = pesq = None
@@ -268,6 +290,11 @@ def wrap_ddp(nets: Nets, device: torch.device) -> None:
     nets.gen_ddp = DDP(nets.generator, device_ids=ids, **{no_sync: False})
     if nets.disc is not None:
         nets.disc_ddp = DDP(nets.disc, device_ids=ids, **{no_sync: False})
+
+
+def objective_of(cfg: Config) -> str | None:
+    """The configured family's own training objective (models/registry.py), if it has one."""
+    return family(arch_of(cfg.model)).objective
 
 
 def loss_weights(cfg: Config) -> dict[str, float]:
@@ -310,6 +337,8 @@ def loss_terms(
         ce = F.cross_entropy(aux["speaker_logits"].float(), labels.clamp(min=0),
                              reduction="none")
         terms["speaker_ce"] = weighted_mean(ce, (labels >= 0).float())
+    if "score_matching" in (aux or {}):  # the refiner's objective, over every item
+        terms["score_matching"] = aux["score_matching"].float().mean()
     if "compressed_mag" in (aux or {}):  # SEMamba's terms, on the model's own compressed STFT
         terms.update(mag_phase_terms(est, target, aux, spectrum=nets.generator.spectrum,
                                      weights=tp))
@@ -389,7 +418,9 @@ def micro_step(
     n_tp, n_ta = tp.sum(), (1 - tp).sum()
     with ddp_sync(nets, sync=(step + 1) % accum == 0):
         with autocast:
-            est, aux = nets.gen_ddp(batch["mix"], batch["ref"], with_aux=True)
+            # A family with an objective of its own (the refiner) computes it from the target.
+            target = {"target": batch["target"]} if objective_of(cfg) else {}
+            est, aux = nets.gen_ddp(batch["mix"], batch["ref"], with_aux=True, **target)
         est = est.float()
         if metric_gan:
             # PESQ of this batch starts now in worker processes (losses/pesq_target.py) and
@@ -616,8 +647,9 @@ def validate(
     examples: list[tuple[torch.Tensor, ...]] = []
     for batch in loader:
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        with autocast:
+        with autocast, validation_context(model):
             est = model(batch["mix"], batch["ref"])
+            aux = objective_terms(model, batch, cfg, device) if objective_of(cfg) else None
         est = est.float()
         tp = ~batch["is_ta"]
         # Masked sums: a TA item's SI-SDR (or a TP item's suppression) is dropped by
@@ -625,7 +657,7 @@ def validate(
         sdr = si_sdr(est, batch["target"])
         sdr_mix = si_sdr(batch["mix"], batch["target"])
         supp = ta_suppression_db(est, batch["mix"])
-        loss = weighted_sum(loss_terms(est, batch, nets, weights), batch["is_ta"], weights)
+        loss = weighted_sum(loss_terms(est, batch, nets, weights, aux), batch["is_ta"], weights)
         zero = torch.zeros_like(sdr)
         sums += torch.stack([torch.where(tp, sdr, zero).sum(),
                              torch.where(tp, sdr - sdr_mix, zero).sum(), tp.sum(),
@@ -640,6 +672,16 @@ def validate(
     return {"si_sdr": s_sdr / max(n_tp, 1), "si_sdri": s_sdri / max(n_tp, 1),
             "ta_supp_db": s_supp / n_ta if n_ta else float("nan"),
             "loss": s_loss / max(n_b, 1), "n_tp": n_tp, "n_ta": n_ta}, examples
+
+
+def objective_terms(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+    """A family's own objective on a validation batch (its aux), with the diffusion times and
+    noise drawn from ``train.seed`` every time: the validation loss is then comparable from one
+    validation to the next, and the training RNG stream is left where it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.train.seed)
+        return model(batch["mix"], batch["ref"], with_aux=True, target=batch["target"])[1]
 
 
 def write_examples(writer: SummaryWriter, examples: list[tuple[torch.Tensor, ...]], nets: Nets,
@@ -746,8 +788,14 @@ def main(argv: list[str] | None = None) -> None:
     # ---------------------------------------------------------------------------------------
     # Networks, optimisers, scaler; the bf16 LSTM probe
     # ---------------------------------------------------------------------------------------
-    margs = model_kwargs(cfg)
-    nets = build_nets(cfg, device)
+    try:
+        margs = model_kwargs(cfg)  # reads a refiner's first-stage checkpoint
+    except CheckpointError as err:
+        sys.exit(f"error: model.first_stage_ckpt: {err}")
+    resume = Path(args.resume) if args.resume else run_dir / "last.pt"
+    if args.resume and not resume.is_file():
+        sys.exit(f"error: {resume}: no such checkpoint")
+    nets = build_nets(cfg, device, load_parts=not resume.is_file())
     if amp_dtype == torch.bfloat16 and not bf16_lstm_works(device):
         count = use_float32_lstms(nets.generator)
         if nets.ema is not None:
@@ -760,9 +808,6 @@ def main(argv: list[str] | None = None) -> None:
     # Resume (exact) or initialise from weights
     # ---------------------------------------------------------------------------------------
     state = TrainState(nets)
-    resume = Path(args.resume) if args.resume else run_dir / "last.pt"
-    if args.resume and not resume.is_file():
-        sys.exit(f"error: {resume}: no such checkpoint")
     if resume.is_file():
         ckpt = torch.load(resume, map_location=device, weights_only=True)
         if normalised_args(ckpt["model_args"]) != margs:
@@ -781,8 +826,10 @@ def main(argv: list[str] | None = None) -> None:
     if ddp:
         wrap_ddp(nets, device)
     n_params = sum(p.numel() for p in generator.parameters())
-    log.info("generator params=%d device=%s world=%d precision=%s grad_checkpoint=%s",
-             n_params, device, world, cfg.train.precision, cfg.train.grad_checkpoint)
+    n_trained = sum(p.numel() for p in generator.parameters() if p.requires_grad)
+    log.info("generator params=%d trained=%d device=%s world=%d precision=%s "
+             "grad_checkpoint=%s", n_params, n_trained, device, world, cfg.train.precision,
+             cfg.train.grad_checkpoint)
 
     # ---------------------------------------------------------------------------------------
     # Data: the stream position is the step (see StepSampler)

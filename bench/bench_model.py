@@ -16,10 +16,13 @@ one block at a time, so the peak is those plus the largest single block's saved 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -111,29 +114,44 @@ def forward_backward(
     return run
 
 
+def measure_sequence_layer(
+    config: str, layer: str, n_samples: int, runs: int, threads: int
+) -> dict[str, float]:
+    """One sequence layer, the config otherwise unchanged: parameters, forward+backward time and
+    saved activations at batch 1 (plain, and the checkpointed peak), for Mamba the transient
+    working set of one scan, and the peak RSS of the process that measured all of it."""
+    torch.set_num_threads(threads)
+    cfg = load_config(config, [f"model.sequence_layer={layer}"])
+    torch.manual_seed(0)
+    model = build_model(model_kwargs(cfg))
+    mix, ref = torch.randn(1, n_samples), torch.randn(1, n_samples)
+    fwd_bwd = median_time(forward_backward(model, mix, ref, ckpt=False), runs)
+    mem = activation_memory(model, mix, ref)
+    scan = scan_working_set(cfg, n_samples, batch=1) if layer == "mamba" else 0
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "fwd_bwd_s": round(fwd_bwd, 3),
+        "act_plain_gib": round(mem["plain"] / GIB, 3),
+        "act_ckpt_peak_gib": round(mem["ckpt_peak"] / GIB, 3),
+        "scan_working_set_gib": round(scan / GIB, 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
+    }
+
+
 def compare_sequence_layers(
-    config: str, n_samples: int, runs: int
+    config: str, n_samples: int, runs: int, threads: int
 ) -> dict[str, dict[str, float]]:
-    """Per sequence layer, the config otherwise unchanged: parameters, forward+backward time and
-    saved activations at batch 1 (plain, and the checkpointed peak), and for Mamba the transient
-    working set of one scan."""
+    """``measure_sequence_layer`` for each layer, each in a fresh process. In one process the
+    allocator keeps the high-water mark of whatever ran before: after the main table's batch 2 x
+    4 s LSTM pass (19.4 GiB saved) the Mamba pass at 4 s (~13 GiB) was OOM-killed at 24.3 GB
+    RSS (2026-12-01), although each fits alone. Run before the main table, while this process
+    is small."""
+    spawn = multiprocessing.get_context("spawn")
     results = {}
     for layer in SEQUENCE_LAYERS:
-        cfg = load_config(config, [f"model.sequence_layer={layer}"])
-        torch.manual_seed(0)
-        model = build_model(model_kwargs(cfg))
-        mix, ref = torch.randn(1, n_samples), torch.randn(1, n_samples)
-        fwd_bwd = median_time(forward_backward(model, mix, ref, ckpt=False), runs)
-        mem = activation_memory(model, mix, ref)
-        scan = scan_working_set(cfg, n_samples, batch=1) if layer == "mamba" else 0
-        results[layer] = {
-            "params": sum(p.numel() for p in model.parameters()),
-            "fwd_bwd_s": round(fwd_bwd, 3),
-            "act_plain_gib": round(mem["plain"] / GIB, 3),
-            "act_ckpt_peak_gib": round(mem["ckpt_peak"] / GIB, 3),
-            "scan_working_set_gib": round(scan / GIB, 3),
-        }
-        del model
+        with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+            results[layer] = pool.submit(measure_sequence_layer, config, layer, n_samples, runs,
+                                         threads).result()
     return results
 
 
@@ -144,16 +162,21 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=SEGMENT_SECONDS, help="segment length")
     parser.add_argument("--no-write", action="store_true", help="do not touch doc/benchmarks.md")
-    # Opt-in, at its own length: at the recipe's 4 s the Mamba variant without checkpointing was
-    # killed by the OOM killer at 24.3 GB RSS on a 24 GB machine (2026-12-01).
+    # Opt-in, at its own length (minutes at 4 s on 2 CPU cores: the Mamba variant runs the
+    # PyTorch scan).
     parser.add_argument("--sequence-layers", type=float, metavar="SECONDS",
                         help="also compare model.sequence_layer lstm and mamba at batch 1 x "
                         "SECONDS (its own doc/benchmarks.md section)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     cfg = load_config(args.config)
+    layers = None
+    if args.sequence_layers:  # first: each in a fresh process while this one is small
+        layers = compare_sequence_layers(
+            args.config, round(args.sequence_layers * cfg.stft.sample_rate), args.runs,
+            args.threads)
+    torch.manual_seed(0)
     model = build_model(model_kwargs(cfg))
     n_params = sum(p.numel() for p in model.parameters())
     n_samples = round(args.seconds * cfg.stft.sample_rate)
@@ -210,11 +233,8 @@ def main() -> None:
     table = markdown_table(["generator (" + args.config + ")", "measured"], rows)
     print(table)
 
-    layers = None
-    if args.sequence_layers:
+    if layers is not None:
         seq_seg = f"{args.sequence_layers:g} s"
-        layers = compare_sequence_layers(
-            args.config, round(args.sequence_layers * cfg.stft.sample_rate), args.runs)
         layer_rows = [
             [
                 name,
@@ -223,6 +243,7 @@ def main() -> None:
                 f"{r['act_plain_gib']:.2f}",
                 f"{r['act_ckpt_peak_gib']:.2f}",
                 f"{r['scan_working_set_gib']:.2f}" if name == "mamba" else "-",
+                f"{r['peak_rss_gib']:.2f}",
             ]
             for name, r in layers.items()
         ]
@@ -234,6 +255,7 @@ def main() -> None:
                 "activations saved, no checkpointing (GiB)",
                 "activations peak, checkpointing (GiB)",
                 "one scan's backward working set (GiB)",
+                "peak RSS of its process (GiB)",
             ],
             layer_rows,
         )
@@ -258,7 +280,11 @@ def main() -> None:
             f"kernel).\n\n{layer_table}\n\n"
             "The Mamba scan keeps only its (B, L, ED) inputs for backward and recomputes its "
             "(B, L, ED, N) states there: the last column is the transient memory of the one scan "
-            "running in backward (three such float32 tensors), on top of the saved activations.",
+            "running in backward (three such float32 tensors), on top of the saved activations. "
+            "Each layer is measured in a fresh process (the allocator keeps a process's "
+            "high-water mark: measured after the main table's batch-2 pass, the Mamba variant at "
+            "4 s was OOM-killed at 24.3 GB); the last column is that process's peak RSS over "
+            "the timing and both memory passes.",
         )
     print_json(
         {

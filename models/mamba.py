@@ -224,11 +224,14 @@ class Mamba(nn.Module):
         with torch.no_grad():
             self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         # S4D-real initialisation A = -(1..N) for every channel, stored as log(-A), float32.
-        # (mamba-ssm also tags A_log and D ``_no_weight_decay``, which only its own training code
-        # reads; train.py's AdamW decays every parameter.)
+        # A_log and D are tagged ``_no_weight_decay`` as in mamba-ssm, and train.py's AdamW
+        # leaves them undecayed: decay would pull A towards -1 (every channel's memory towards
+        # one time scale) and the skip D towards 0, neither of which is a smaller model.
         a = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(self.d_inner, 1)  # (E, N)
         self.A_log = nn.Parameter(a.log())
         self.D = nn.Parameter(torch.ones(self.d_inner))
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
         # Created last, as in mamba-ssm: the same seed then draws the same weights.
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 

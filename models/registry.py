@@ -13,12 +13,19 @@ holds:
 - scale-equivariant: the estimate of ``a * mix`` is ``a * estimate``;
 - ``sample_rate`` and a runtime ``grad_checkpoint`` flag (set by the trainer).
 
+A family with an ``objective`` of its own (the score-based refiner) is not trained through its
+estimate: while training, its ``forward`` also takes ``target=`` and returns that objective
+per item in ``aux``. Optional hooks: ``validation()``, a context that train.py's validations
+run in (the refiner samples fewer steps there), and ``load_first_stage()``, the weights of a
+part that another checkpoint holds, loaded when a training run starts.
+
 Checkpoints store ``model_args = {"arch": name, **constructor keywords}``; those written before
 families existed have no ``arch`` and are ``hifi_tse``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +42,7 @@ from models.generator import (
     read_checkpoint,
 )
 from models.semamba import SEMambaTSE, SEMambaTSEArgs
+from models.sgmse_refiner import SGMSERefiner, SGMSERefinerArgs
 from models.spex_plus import SpExPlus, SpExPlusArgs
 from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
@@ -55,6 +63,9 @@ class Family:
     takes_stft: bool
     # Loss terms (``loss`` section names) that only this family's auxiliary outputs feed.
     aux_terms: tuple[str, ...] = ()
+    # The aux term that is the family's whole training objective (its forward takes the target
+    # while training); None: the estimate is what the loss section trains.
+    objective: str | None = None
 
 
 FAMILIES: dict[str, Family] = {
@@ -67,6 +78,10 @@ FAMILIES: dict[str, Family] = {
     "semamba": Family("semamba", SEMambaTSEArgs, SEMambaTSE, takes_stft=False,
                       aux_terms=("compressed_mag", "antiwrap_phase", "compressed_complex",
                                  "consistency")),
+    # A first stage of any family (models/sgmse_refiner.py) and a score network trained by its
+    # SDE's loss alone.
+    "sgmse_refiner": Family("sgmse_refiner", SGMSERefinerArgs, SGMSERefiner, takes_stft=False,
+                            aux_terms=("score_matching",), objective="score_matching"),
 }
 
 
@@ -94,7 +109,15 @@ def model_args(args: Any, stft: dict[str, Any]) -> dict[str, Any]:
     ``stft`` is the stft config section as a mapping."""
     fam = family(arch_of(args))
     base = dict(stft) if fam.takes_stft else {"sample_rate": stft["sample_rate"]}
-    return {ARCH_KEY: fam.name, **base, **dataclasses.asdict(args)}
+    keywords = dataclasses.asdict(args)
+    if keywords.get("first_stage_ckpt"):
+        # A two-stage model records its first stage's arguments, so that its own checkpoint
+        # rebuilds it without the first stage's file.
+        path = Path(keywords["first_stage_ckpt"])
+        keywords["first_stage"] = read_checkpoint(path)["model_args"]
+    if keywords.get("first_stage"):
+        keywords["first_stage"] = normalised_args(keywords["first_stage"])
+    return {ARCH_KEY: fam.name, **base, **keywords}
 
 
 def normalised_args(args: dict[str, Any]) -> dict[str, Any]:
@@ -103,13 +126,22 @@ def normalised_args(args: dict[str, Any]) -> dict[str, Any]:
     since at their defaults, which its model was built with (so that an older run resumes)."""
     arch = args.get(ARCH_KEY, DEFAULT_ARCH)
     defaults = dataclasses.asdict(family(arch).args())
-    return {ARCH_KEY: arch, **defaults, **current_model_args(args)}
+    args = {ARCH_KEY: arch, **defaults, **current_model_args(args)}
+    if args.get("first_stage"):
+        args["first_stage"] = normalised_args(args["first_stage"])
+    return args
 
 
 def build_model(args: dict[str, Any]) -> nn.Module:
     """The model that ``args`` (``model_args``, or a checkpoint's) describes."""
     args = normalised_args(args)
     return family(args.pop(ARCH_KEY)).model(**args)
+
+
+def validation_context(model: nn.Module) -> contextlib.AbstractContextManager[object]:
+    """The context train.py validates ``model`` in: its ``validation()`` where it has one."""
+    hook = getattr(model, "validation", None)
+    return hook() if hook is not None else contextlib.nullcontext()
 
 
 def checkpoint_payload(model: nn.Module, args: dict[str, Any]) -> dict[str, Any]:

@@ -396,3 +396,27 @@ def test_checkpoint_without_the_key_loads_as_lstm(tmp_path: Path) -> None:
     mix, ref = signals(1, 4_800, 4_800)
     with torch.no_grad():
         torch.testing.assert_close(again(mix, ref), model(mix, ref), atol=0, rtol=0)
+
+
+def test_adamw_leaves_a_log_and_d_undecayed() -> None:
+    """As mamba-ssm: weight decay would pull every channel's A towards -1 and the skip D to 0.
+    One AdamW step with zero gradients moves only the decayed parameters."""
+    import train
+
+    model = tiny_mamba()
+    groups = train.param_groups(model, weight_decay=0.1)
+    exempt = {id(p) for p in groups[1]["params"]}
+    named = {id(p): name for name, p in model.named_parameters()}
+    assert {named[i].rsplit(".", 1)[-1] for i in exempt} == {"A_log", "D"}
+    assert len(exempt) == 2 * 2 * 2 * len(model.blocks)  # 2 paths x 2 directions per block
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = torch.optim.AdamW(groups, lr=0.1)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        assert moved == (id(p) not in exempt and bool(before[name].abs().sum() > 0)), name
+    # An LSTM generator has nothing tagged: one group, so its optimizer states still resume.
+    lstm = build_model(model_kwargs(load_config(TINY)))
+    assert len(train.param_groups(lstm, weight_decay=0.1)) == 1
