@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import soundfile as sf
 import torch
 import yaml
 
+import inference
 import train
 from config import ConfigError, load_config, model_kwargs
 from models import registry
@@ -88,9 +90,10 @@ def test_the_refiner_checkpoint_rebuilds_both_stages_alone(tmp_path: Path) -> No
         torch.testing.assert_close(again(mix, ref), refiner.eval()(mix, ref), atol=0, rtol=0)
 
 
-def test_training_forward_returns_the_objective_per_item() -> None:
+@pytest.mark.parametrize("sde", ["ouve", "sbve"])
+def test_training_forward_returns_the_objective_per_item(sde: str) -> None:
     torch.manual_seed(0)
-    model = build_model(model_kwargs(load_config(TINY))).train()
+    model = build_model(model_kwargs(load_config(TINY, [f"model.sde={sde}"]))).train()
     mix, ref = signals(3, 4_800)
     target = 0.5 * mix
     est, aux = model(mix, ref, with_aux=True, target=target)
@@ -104,6 +107,23 @@ def test_training_forward_returns_the_objective_per_item() -> None:
     assert all(p.grad is not None for p in model.net.parameters())
     assert all(p.grad is None for p in model.first_stage.parameters())
     assert not model.first_stage.training  # frozen in eval mode, dropout and all
+
+
+@pytest.mark.parametrize("sampler", ["ode", "sde"])
+def test_the_schroedinger_bridge_refiner_keeps_the_contract(sampler: str) -> None:
+    """The SBVE path end to end (the registry's contract tests run the tiny OUVE config):
+    exact length, deterministic, batch items independent, scale-equivariant."""
+    torch.manual_seed(0)
+    cfg = load_config(TINY, ["model.sde=sbve", f"model.sb_sampler={sampler}", "model.n_steps=3"])
+    model = build_model(model_kwargs(cfg)).eval()
+    mix, ref = signals(2, 9_601)
+    with torch.no_grad():
+        est = model(mix, ref)
+        assert est.shape == mix.shape
+        assert torch.isfinite(est).all()
+        torch.testing.assert_close(model(mix, ref), est, atol=0, rtol=0)
+        torch.testing.assert_close(model(mix[:1], ref[:1]), est[:1], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(model(7 * mix, ref), 7 * est, atol=7e-5, rtol=1e-4)
 
 
 def test_validation_samples_val_steps() -> None:
@@ -163,3 +183,12 @@ def test_train_py_trains_the_refiner_alone(tmp_path: Path, shared_data: Path,
     refiner = load_model(tmp_path / "run" / "last.pt", use_ema=False)
     for name, value in trained.state_dict().items():
         torch.testing.assert_close(refiner.first_stage.state_dict()[name], value, atol=0, rtol=0)
+    # inference.py with that file alone (the first stage's is gone)
+    wave = 0.1 * torch.randn(72_000).numpy()
+    sf.write(tmp_path / "mix.wav", wave[:24_000], 48_000, subtype="FLOAT")
+    sf.write(tmp_path / "ref.wav", wave, 48_000, subtype="FLOAT")  # references: 1 s or more
+    out = tmp_path / "out.wav"
+    assert inference.main(["--ckpt", str(tmp_path / "run" / "last.pt"), "--mix",
+                           str(tmp_path / "mix.wav"), "--ref", str(tmp_path / "ref.wav"),
+                           "-o", str(out)]) == 0
+    assert sf.info(str(out)).frames == 24_000
