@@ -20,7 +20,8 @@ from models.mamba import DT_MAX, DT_MIN, BiMamba, Mamba, selective_scan
 from models.registry import build_model, checkpoint_payload, load_model, normalised_args
 from models.tf_gridnet import use_float32_lstms
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny.yaml"
 MAMBA = ["model.sequence_layer=mamba"]
 # Lengths: 1, odd, even, a power of two, the recipe's 53 bands and 401 frames.
 LENGTHS = [1, 2, 3, 7, 16, 53, 100, 401]
@@ -420,3 +421,13 @@ def test_adamw_leaves_a_log_and_d_undecayed() -> None:
     # An LSTM generator has nothing tagged: one group, so its optimizer states still resume.
     lstm = build_model(model_kwargs(load_config(TINY)))
     assert len(train.param_groups(lstm, weight_decay=0.1)) == 1
+
+
+@pytest.mark.parametrize("base", ["hifi_tse.yaml", "tiny.yaml"])
+def test_the_mamba_config_layers_on_the_recipe_and_the_tiny_config(base: str) -> None:
+    configs = REPO / "configs"
+    lstm = model_kwargs(load_config(configs / base))
+    layered = model_kwargs(load_config([configs / base, configs / "hifi_tse_mamba.yaml"]))
+    assert layered.pop("sequence_layer") == "mamba"
+    assert lstm.pop("sequence_layer") == "lstm"
+    assert layered == lstm  # mamba_d_state and mamba_expand are the defaults the recipe has
