@@ -73,6 +73,24 @@ def _check(x0: Tensor, y: Tensor, t: Tensor) -> None:
         raise ValueError(f"expected t of shape ({x0.shape[0]},), got {tuple(t.shape)}")
 
 
+def _perturbed(sde: OUVESDE | SBVESDE, x0: Tensor, y: Tensor, t: Tensor,
+               noise: Noise) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The training sample of both losses: x_t = mean(x0, y, t) + std(t) z, in the working
+    dtype with autocast off. Returns (x0, t, z, std broadcast (B, 1, 1), x_t)."""
+    _check(x0, y, t)
+    with autocast_off(x0):
+        x0, y = _working(x0, y)
+        t = t.to(x0.real.dtype)
+        z = noise(x0).to(x0.dtype)
+        sigma = _b(sde.std(t))
+        return x0, t, z, sigma, sde.mean(x0, y, t) + sigma * z
+
+
+def _half_mean_square(err: Tensor) -> Tensor:
+    """``LOSS_SCALE * |err|^2`` averaged over (F, T) per item. Shape: (B, F, T) -> (B,)."""
+    return LOSS_SCALE * (err.real.square() + err.imag.square()).mean(dim=(1, 2))
+
+
 @dataclass(frozen=True, kw_only=True)
 class _TimeRange:
     """The process time [0, T] and the lower end ``t_eps`` of training times (and, for OUVE, of
@@ -162,24 +180,10 @@ class OUVESDE(_TimeRange):
 
         Shape: x0, y (B, F, T), t (B,) -> (B,) float32 (float64 for complex128 inputs).
         """
-        _check(x0, y, t)
-        with autocast_off(x0):
-            x0, y = _working(x0, y)
-            t = t.to(x0.real.dtype)
-            z = noise(x0).to(x0.dtype)
-            sigma = _b(self.std(t))
-            x_t = self.mean(x0, y, t) + sigma * z
+        x0, t, z, sigma, x_t = _perturbed(self, x0, y, t, noise)
         score = score_fn(x_t, t)  # the network, under the caller's autocast
         with autocast_off(x0):
-            err = sigma * score.to(x0.dtype) + z
-            return LOSS_SCALE * (err.real.square() + err.imag.square()).mean(dim=(1, 2))
-
-    def denoised(self, x_t: Tensor, y: Tensor, t: Tensor, score: Tensor) -> Tensor:
-        """The one-step (Tweedie) clean estimate x0_hat = (x_t + std^2 score - (1 - e^{-theta t})
-        y) / e^{-theta t}: the posterior mean of the marginal's mean, mapped back to x0.
-        Shape: (B, F, T) x3 and t (B,) -> (B, F, T)."""
-        a = _b(self.alpha(t))
-        return (x_t + _b(self.std(t).square()) * score - (1.0 - a) * y) / a
+            return _half_mean_square(sigma * score.to(x0.dtype) + z)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,13 +260,7 @@ class SBVESDE(_TimeRange):
 
         Shape: x0, y (B, F, T), t (B,) -> (B,) float32 (float64 for complex128 inputs).
         """
-        _check(x0, y, t)
-        with autocast_off(x0):
-            x0, y = _working(x0, y)
-            t = t.to(x0.real.dtype)
-            z = noise(x0).to(x0.dtype)
-            x_t = self.mean(x0, y, t) + _b(self.std(t)) * z
+        x0, t, _, _, x_t = _perturbed(self, x0, y, t, noise)
         x0_hat = data_fn(x_t, t)  # the network, under the caller's autocast
         with autocast_off(x0):
-            err = x0_hat.to(x0.dtype) - x0
-            return LOSS_SCALE * (err.real.square() + err.imag.square()).mean(dim=(1, 2))
+            return _half_mean_square(x0_hat.to(x0.dtype) - x0)
