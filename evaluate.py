@@ -13,21 +13,29 @@ a triplet folder (flat or ``mix/ refs/ targets/``), or a CSV list. The generator
 process through ``inference.Extractor`` (``evaluation/runner.py``), exactly as inference.py
 extracts; with ``--chunk`` also chunk by chunk, as a streaming system would. The metrics
 (``evaluation/metrics.py``, groups chosen by ``eval.metrics`` or ``--metrics``) run in
-``--jobs`` worker processes. Outputs (``evaluation/report.py``) in ``--out-dir``, each written
-atomically: ``per_sample.csv``, ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and the
-best, median and worst TP samples' audio and spectrograms under ``examples/``.
+``--jobs`` worker processes; one that crashes or hangs (``--metric-timeout``) costs that metric
+on that sample (``evaluation/isolation.py``). Outputs (``evaluation/report.py``) in
+``--out-dir``: ``per_sample.csv`` (each row appended as it is done; a rerun into the same folder
+with the same settings scores only the missing IDs, one with other settings is refused),
+``fingerprint.json``, ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and the best,
+median and worst TP samples' audio and spectrograms under ``examples/``.
 
-Bad input (a missing or unreadable file, a voiceless reference, a malformed CSV, a checkpoint
-that is not one) stops the run before any sample is extracted, with one line naming the file,
-and exit code 1.
+A bad sample (a missing, unreadable, empty, too short or non-finite file, a duplicate ID, a
+target whose length is not its mixture's or that is silent, a voiceless reference) is skipped
+with one line naming the file, and counted in the report. Exit code 0 when at least one sample
+was scored; 1 with one line naming the file for bad input that stops the run (a checkpoint that
+is not one, a folder without triplets, a malformed CSV header, results of other settings in
+``--out-dir``), or when no sample could be scored. ``--strict`` stops at the first bad sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -35,17 +43,27 @@ from typing import Any
 
 import torch
 
-from config import EVAL_METRIC_GROUPS, Config, ConfigError, apply_overrides, from_dict, load_config
+from config import (
+    EVAL_METRIC_GROUPS,
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_config,
+    to_dict,
+)
 from data.audio_utils import SAMPLE_RATE, AudioError
 from data.manifest import ManifestError
 from evaluation import report
 from evaluation.metrics import PESQ_MODES, MetricSettings
-from evaluation.runner import RunSettings, extract_all, load_sample, run_samples
+from evaluation.runner import METRIC_TIMEOUT_S, RunSettings, extract_all, load_sample, run_samples
+from evaluation.scoring import LONG_INPUT_RULES, units_of
 from evaluation.sources import (
     MISSING_TARGET,
     TP,
     EvalInputError,
     SampleSource,
+    Skipped,
     csv_samples,
     read_transcripts,
     triplet_samples,
@@ -58,6 +76,11 @@ from models.registry import ARCH_KEY, model_from_payload, normalised_args
 
 log = logging.getLogger("evaluate")
 LUFS_DEFAULT = -20.0  # --lufs without a value: the SpEx+ homework protocol's level
+SCRATCH_DIR = ".scratch"  # under --out-dir: the signals of the samples being scored
+
+
+class NothingScored(EvalInputError):
+    """Not one sample could be scored."""
 
 
 def resolve_config(args: argparse.Namespace, stored: dict[str, Any] | None) -> Config:
@@ -152,19 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="perceptual contrast stretching on every estimate (models/pcs.py, "
                         "as inference.py --pcs)")
     parser.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 1) - 1),
-                        help="metric worker processes; 0 computes them in the main process")
+                        help="metric worker processes; 0 scores one sample at a time, in the main "
+                        "process except the metrics that run C code (a child process)")
+    parser.add_argument("--metric-timeout", type=float, default=METRIC_TIMEOUT_S,
+                        metavar="SECONDS", help="time one sample's metrics may take per started "
+                        "minute of its audio before they count as hung (default %(default)g)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad sample (exit 1) instead of skipping it")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: eval.device)")
     parser.add_argument("--no-ema", action="store_true",
                         help="use the raw generator weights, not the EMA ones")
     return parser
 
 
-def _sources(args: argparse.Namespace, cfg: Config) -> tuple[list[SampleSource], str]:
+def _sources(args: argparse.Namespace,
+             cfg: Config) -> tuple[list[SampleSource], list[Skipped], str, str]:
+    """The samples, those skipped while listing them, a description, and a digest of the list
+    (every candidate ID and, for the validation set, the data config that makes the items)."""
+    skipped: list[Skipped] = []
+    listed = ""
     if args.triplets is not None:
-        sources = triplet_samples(args.triplets, missing_target=args.missing_target)
+        sources, skipped = triplet_samples(args.triplets, missing_target=args.missing_target,
+                                           strict=args.strict)
         desc = f"triplets in `{args.triplets}`"
     elif args.csv is not None:
-        sources = csv_samples(args.csv, missing_target=args.missing_target)
+        sources, skipped = csv_samples(args.csv, missing_target=args.missing_target,
+                                       strict=args.strict)
         desc = f"CSV `{args.csv}`"
     else:
         n = args.n_samples if args.n_samples is not None else cfg.eval.n_samples
@@ -172,9 +208,31 @@ def _sources(args: argparse.Namespace, cfg: Config) -> tuple[list[SampleSource],
             raise EvalInputError(f"--n-samples must be >= 1, got {n}")
         sources = validation_samples(cfg, n)
         desc = f"validation set (first {n} of the fixed list, `{cfg.data.manifest_dir}`)"
+        listed = json.dumps(to_dict(cfg)["data"], sort_keys=True)
     if args.transcripts is not None:
         sources = with_transcripts(sources, read_transcripts(args.transcripts), args.transcripts)
-    return sources, desc
+    ids = sorted([*(s.id for s in sources), *(k.id for k in skipped)])
+    digest = hashlib.sha256("\n".join([listed, *ids]).encode()).hexdigest()
+    return sources, skipped, desc, digest
+
+
+def _fingerprint(args: argparse.Namespace, loaded: Checkpoint, groups: tuple[str, ...],
+                 metrics: MetricSettings, desc: str, digest: str) -> dict[str, Any]:
+    """The settings every row of ``--out-dir`` must share: a resumed run with other ones would
+    mix incomparable rows."""
+    return {
+        "checkpoint": str(args.ckpt.resolve()), "step": loaded.step,
+        "weights": "EMA" if loaded.use_ema else "generator", "metrics": list(groups),
+        "sdr": metrics.sdr, "pesq_sr": metrics.pesq_sr, "si_sdr": args.si_sdr,
+        "lufs": args.lufs, "chunk": args.chunk,
+        "overlap": args.overlap if args.chunk is not None else None, "pcs": args.pcs,
+        "missing_target": args.missing_target, "sources": desc, "source_list_sha256": digest,
+        "transcripts": None if args.transcripts is None else str(args.transcripts.resolve()),
+    }
+
+
+def _report_skip(item: Skipped) -> None:
+    sys.stderr.write(f"evaluate.py: skipped {item.id}: {item.problem}\n")
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -184,18 +242,22 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if cfg.eval.pesq_sr not in PESQ_MODES:
         raise ConfigError(f"config key 'eval.pesq_sr': PESQ runs at {sorted(PESQ_MODES)} Hz, "
                           f"not {cfg.eval.pesq_sr}")
+    if not args.metric_timeout > 0:
+        raise EvalInputError(f"--metric-timeout must be > 0, got {args.metric_timeout}")
     if args.chunk is not None and not 0 <= args.overlap < args.chunk:
         raise EvalInputError(f"--overlap {args.overlap} must be >= 0 and below --chunk "
                              f"{args.chunk}")
     device = resolve_device(args.device or cfg.eval.device)
     run = RunSettings(jobs=max(0, args.jobs), lufs=args.lufs, chunk_seconds=args.chunk,
-                      chunk_overlap_seconds=args.overlap)
+                      chunk_overlap_seconds=args.overlap, metric_timeout_s=args.metric_timeout)
     if device.type == "cpu" and run.jobs > 0:
         # The metric workers take one core each; more generator threads than the cores left
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - run.jobs))
     extractor = Extractor(loaded.model, device=device, pcs=args.pcs)
-    sources, source_desc = _sources(args, cfg)
+    sources, skipped, source_desc, digest = _sources(args, cfg)
+    for item in skipped:
+        _report_skip(item)
     groups = tuple(g for g in EVAL_METRIC_GROUPS if g in (args.metrics or cfg.eval.metrics))
     if "wer" in groups and not any(s.transcribed for s in sources):
         # An all-empty WER column would look like a result: no transcripts, no WER.
@@ -204,26 +266,51 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     metrics = MetricSettings(groups=groups, pesq_sr=cfg.eval.pesq_sr,
                              sdr=args.sdr or cfg.eval.sdr, zero_mean=args.si_sdr == "zero-mean",
                              stream=args.chunk is not None)
-    log.info("evaluating %d samples (%s) on %s with %s weights, metrics %s, %d metric workers",
-             len(sources), source_desc, device, "EMA" if use_ema else "generator",
-             ",".join(groups), run.jobs)
-
-    rows = run_samples(extractor, sources, settings=run, metrics=metrics)
-    columns = metrics.columns()
-    edges = list(cfg.eval.snr_band_edges_db)
-    summary = report.summarize(rows, columns, edges)
-
     out_dir: Path = args.out_dir
+    columns = metrics.columns()
     fields = [*report.ROW_FIELDS, *(["mix_lufs"] if run.lufs is not None else []), *columns,
               "notes"]
+    fingerprint = _fingerprint(args, loaded, groups, metrics, source_desc, digest)
+    done = report.resume_rows(out_dir, fields, fingerprint)
+    log.info("evaluating %d samples (%s%s) on %s with %s weights, metrics %s, %d metric "
+             "workers", len(sources), source_desc,
+             f", {len(done)} already scored in {out_dir}" if done else "", device,
+             "EMA" if use_ema else "generator", ",".join(groups), run.jobs)
+
+    new_rows: dict[str, dict[str, Any]] = {}
+    writer = report.RowWriter(out_dir, fields, fingerprint)
+
+    def on_row(index: int, row: dict[str, Any]) -> None:
+        writer.append(row)
+        new_rows[row["id"]] = report.as_written(row, fields)
+
+    def on_skip(item: Skipped) -> None:
+        skipped.append(item)
+        _report_skip(item)
+
+    scratch = out_dir / SCRATCH_DIR
+    shutil.rmtree(scratch, ignore_errors=True)  # what a killed run left
+    try:
+        run_samples(extractor, sources, settings=run, metrics=metrics, scratch=scratch,
+                    on_row=on_row, on_skip=on_skip, done_ids=set(done), strict=args.strict)
+    finally:
+        writer.close()
+        shutil.rmtree(scratch, ignore_errors=True)
+    scored = {**done, **new_rows}
+    order = [i for i, s in enumerate(sources) if s.id in scored]
+    rows = [scored[sources[i].id] for i in order]
+    if not rows:
+        raise NothingScored(f"no sample could be scored ({len(skipped)} skipped, see above)")
     report.write_csv(out_dir / report.CSV_NAME, rows, fields)
+    edges = list(cfg.eval.snr_band_edges_db)
+    summary = report.summarize(rows, columns, edges)
     report.plot_histogram(out_dir / report.HIST_NAME,
                           [r["si_sdri"] for r in rows if r["condition"] == TP and "si_sdri" in r])
 
     whole_file = replace(run, chunk_seconds=None)  # the examples are the whole-file estimates
 
     def estimate_of(index: int) -> tuple[Any, Any]:
-        sample, _ = load_sample(sources[index], whole_file)
+        sample, _ = load_sample(sources[order[index]], whole_file)
         return sample, extract_all(extractor, sample, whole_file)[""]
 
     examples = report.write_examples(out_dir, report.pick_examples(rows), rows, estimate_of)
@@ -235,6 +322,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "weights": "EMA" if use_ema else "generator",
         "source": source_desc,
         "n_samples": len(rows),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
         **{f"n_{c.lower()}": sum(r["condition"] == c for r in rows) for c in report.CONDITIONS},
         "generator_params": sum(p.numel() for p in loaded.model.parameters()),
         "settings": {
@@ -252,11 +341,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                      f"{run.chunk_seconds:g} s chunks, {run.chunk_overlap_seconds:g} s overlap",
             "pcs": "PCS400 at 48 kHz on every estimate (models/pcs.py)" if args.pcs else None,
             "missing_target": args.missing_target,
+            "metric_timeout": f"{args.metric_timeout:g} s per started minute of a sample",
+            "long_inputs": {u: LONG_INPUT_RULES[u] for u in units_of(metrics)},
             "snr_band_edges_db": edges,
         },
         "examples": examples,
     }
     result = {**info, **summary,
+              "skipped": [{"id": k.id, "problem": k.problem} for k in skipped],
               "failures": [{"id": r["id"], "notes": r["notes"]} for r in rows if r.get("notes")]}
     report.write_text(out_dir / report.SUMMARY_NAME,
                       json.dumps(report.json_safe(result), indent=2, allow_nan=False) + "\n")
@@ -276,11 +368,12 @@ def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """The command line: the summary that was written, or one line on stderr and exit 1."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        evaluate(args)
+        return evaluate(args)
     except (CheckpointError, AudioError, ConfigError, ManifestError, EvalInputError, InferenceError,
             OSError) as err:
         sys.stderr.write(f"evaluate.py: error: {_one_line(err)}\n")

@@ -28,8 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, markdown_table, print_json, write_section
 from config import SAMPLE_RATE, load_config
 from evaluation.dnsmos import dnsmos
-from evaluation.metrics import DNSMOS_LEVEL_DBFS, MetricSettings, score
+from evaluation.metrics import DNSMOS_LEVEL_DBFS, MetricSettings
 from evaluation.runner import RunSettings, load_sample
+from evaluation.scoring import row_of
 from evaluation.sources import TP, validation_samples
 from inference import Extractor
 from models.registry import load_model
@@ -71,7 +72,7 @@ def main() -> None:
             est = extractor.extract_array(sample.mix, sample.ref, ref_name=sample.id)
             seconds += time.perf_counter() - start
             audio += len(sample.mix) / SAMPLE_RATE
-            row = score({"": est}, sample, core)
+            row = row_of({"": est}, sample, core)
             if sample.condition == TP:
                 row.update({f"dnsmos_{k}": v for k, v in dnsmos(
                     est, SAMPLE_RATE, level_dbfs=DNSMOS_LEVEL_DBFS).items()})

@@ -20,7 +20,7 @@ import jiwer
 import numpy as np
 from pocketsphinx import Decoder
 
-from evaluation.signal import mono_at
+from evaluation.signal import level_at, resample_into, segment_bounds
 
 ASR_SR = 16_000  # the rate of PocketSphinx's en-us acoustic model
 INT16_SCALE = 32_767
@@ -39,6 +39,22 @@ def _get_decoder() -> Decoder:
     return Decoder(samprate=ASR_SR, loglevel="FATAL")
 
 
+def _decode(pcm: np.ndarray) -> str:
+    """PocketSphinx's best hypothesis for one utterance of 16-bit PCM at ``ASR_SR``, normalised.
+
+    Shape:
+        pcm (T,) int16
+    """
+    decoder = _get_decoder()
+    decoder.start_utt()
+    # One block that is the whole utterance: cepstral mean normalisation then uses the mean of
+    # the whole utterance instead of a running estimate, as in batch decoding.
+    decoder.process_raw(pcm.tobytes(), no_search=False, full_utt=True)
+    decoder.end_utt()
+    hyp = decoder.hyp()
+    return normalise_text(hyp.hypstr) if hyp is not None else ""
+
+
 def transcribe(wave: np.ndarray, sr: int) -> str:
     """PocketSphinx's best hypothesis for a mono float signal, as ``normalise_text`` returns it.
 
@@ -50,19 +66,22 @@ def transcribe(wave: np.ndarray, sr: int) -> str:
     Returns:
         The words, lower case, separated by single spaces; empty for a silent input or when
         nothing is recognised.
+
+    Long signals: the 16 kHz PCM (level set over the whole signal) is decoded as consecutive
+    utterances of at most ``LONG_SEGMENT_SECONDS`` (``segment_bounds``: equal lengths, no short
+    tail), each with its own cepstral mean, and the hypotheses are joined with a space; a word
+    that straddles a cut may be lost or split. Up to 60 s it is one utterance, as before. The
+    resampling runs blockwise (a level pass, then the 16-bit signal: 2 bytes per sample at 16
+    kHz, 115 MB for an hour, is the only whole-signal array).
     """
-    x, rms = mono_at(wave, sr, ASR_SR)
+    _, rms = level_at(wave, sr, ASR_SR)
     if rms < SILENT_RMS:
         return ""
-    pcm = np.round(np.clip(x * (TARGET_RMS / rms), -1.0, 1.0) * INT16_SCALE).astype(np.int16)
-    decoder = _get_decoder()
-    decoder.start_utt()
-    # One block that is the whole utterance: cepstral mean normalisation then uses the mean of
-    # the whole signal instead of a running estimate, as in batch decoding.
-    decoder.process_raw(pcm.tobytes(), no_search=False, full_utt=True)
-    decoder.end_utt()
-    hyp = decoder.hyp()
-    return normalise_text(hyp.hypstr) if hyp is not None else ""
+    gain = TARGET_RMS / rms
+    pcm = resample_into(wave, sr, ASR_SR, np.int16,
+                        after=lambda y: np.round(np.clip(y * gain, -1.0, 1.0) * INT16_SCALE))
+    hyps = (_decode(pcm[start:stop]) for start, stop in segment_bounds(len(pcm), ASR_SR))
+    return " ".join(h for h in hyps if h)
 
 
 def normalise_text(text: str) -> str:

@@ -1,8 +1,10 @@
-"""One function per metric; ``score`` computes a sample's row from its estimates.
+"""One function per metric, the columns they fill and the settings they run with.
 
-Every signal is mono float at 48 kHz unless a function says otherwise. A metric that does not
-apply to a sample (a TP metric of a TA sample, a WER without transcript) is NaN, as is one that
-fails; ``notes`` then says why. Metrics come in groups that ``--metrics`` turns on:
+Every signal is mono float at 48 kHz unless a function says otherwise, and may be a read-only
+memory map of an hour of audio: every function works in blocks or segments and states what it
+does with a long signal. A metric that does not apply to a sample (a TP metric of a TA sample,
+a WER without transcript) is NaN, as is one that fails; ``notes`` then says why. Metrics come in
+groups that ``--metrics`` turns on:
 
 * ``core``: SI-SDR(i), PESQ, STOI/eSTOI, the 8-24 kHz log-spectral distance, speaker confusion
   (when the interferers are known), TA suppression, and BSS-Eval SDR with ``--sdr``;
@@ -11,17 +13,15 @@ fails; ``notes`` then says why. Metrics come in groups that ``--metrics`` turns 
 * ``wer``: word error rate of PocketSphinx transcripts (16 kHz), on samples with a transcript;
 * ``visqol``: ViSQOL v3 in audio mode at 48 kHz (``visqol-python``), full band, needs a target.
 
-Columns that depend on the estimate are computed for each estimate a run makes (the whole-file
-one, and the chunked one of ``--chunk`` under the prefix ``stream_``); columns of the mixture or
-target alone (``si_sdr_mix``, ``*_mix``, ``wer_target``) once per sample.
+``evaluation/scoring.py`` computes a sample's row from these functions.
 """
-
 from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pesq as pesq_lib
@@ -31,8 +31,9 @@ from pystoi import stoi as pystoi_stoi
 
 from config import EVAL_METRIC_GROUPS
 from data.audio_utils import SAMPLE_RATE
-from evaluation.sources import TA, TP, UNKNOWN, Sample
-from losses.separation import si_sdr, ta_suppression_db
+from evaluation.signal import BLOCK_SAMPLES, segment_bounds
+from evaluation.sources import TA, TP, UNKNOWN
+from losses.separation import DB_PER_LOG10, ENERGY_EPS, MAX_SUPPRESSION_DB, SI_SDR_REL_EPS
 
 WB_PESQ_SR = 16_000  # wide-band PESQ (ITU-T P.862.2) is defined at 16 kHz
 PESQ_MODES = {WB_PESQ_SR: "wb", 8_000: "nb"}  # narrow-band P.862 at 8 kHz
@@ -125,12 +126,52 @@ def column(name: str) -> Column:
 
 
 # ---------------------------------------------------------------------------------------------
-# Intrusive metrics (need the target)
+# Long signals
 # ---------------------------------------------------------------------------------------------
 
+# Inputs may be hour-long np.memmap float32 arrays (1.4 GB as one float64 copy at 48 kHz): the
+# sums below run over BLOCK_SAMPLES-sample float64 blocks, the STFT of the LSD over
+# LSD_BLOCK_FRAMES frames at a time ((1025, 256) complex128: 4 MiB), PESQ and STOI see
+# segments of at most LONG_SEGMENT_SECONDS (``segment_bounds``), and BSS-Eval stops at
+# SDR_MAX_SECONDS.
+LSD_BLOCK_FRAMES = 256
+# Measured with mir_eval 0.8.2 on speech: bss_eval_sources holds ~11 MB per second of signal
+# (0.65 GB above the process at 60 s, so ~6.5 GB at 10 min), for one 512-tap projection of
+# the whole signal that has no segment-wise equivalent.
+SDR_MAX_SECONDS = 60.0
 
-def _t(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(x, dtype=np.float64))[None]  # (1, N)
+
+def _float64_blocks(*waves: np.ndarray) -> Iterator[tuple[np.ndarray, ...]]:
+    """Aligned float64 copies of ``BLOCK_SAMPLES`` samples of equal-length signals (copies:
+    the callers subtract means in place).
+
+    Shape:
+        waves: each (N,) -> tuples of (<= BLOCK_SAMPLES,)
+    """
+    shapes = {np.shape(w) for w in waves}
+    if len(shapes) != 1 or np.ndim(waves[0]) != 1:
+        raise ValueError(f"expected mono signals of one shape (N,), got {sorted(shapes)}")
+    for start in range(0, len(waves[0]), BLOCK_SAMPLES):
+        yield tuple(w[start : start + BLOCK_SAMPLES].astype(np.float64) for w in waves)
+
+
+def _weighted_mean(values: list[float], weights: list[int]) -> float:
+    """``sum w v / sum w``, NaN for no values. The weights are normalised first, so one value
+    comes back bit for bit (a signal of one segment keeps its whole-signal score)."""
+    if not values:
+        return math.nan
+    total = sum(weights)
+    return float(sum(v * (w / total) for v, w in zip(values, weights, strict=True)))
+
+
+def _segment_note(reason: str, count: int, n_segments: int) -> str:
+    """A failure reason, with how many segments it hit when there are several."""
+    return reason if n_segments == 1 else f"{reason} ({count} of {n_segments} segments)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Intrusive metrics (need the target)
+# ---------------------------------------------------------------------------------------------
 
 
 def si_sdr_db(estimate: np.ndarray, target: np.ndarray, *, zero_mean: bool = True) -> float:
@@ -138,54 +179,133 @@ def si_sdr_db(estimate: np.ndarray, target: np.ndarray, *, zero_mean: bool = Tru
     ``10 log10(|a s|^2 / |a s - e|^2)`` with ``a = <e, s> / |s|^2``. ``zero_mean`` removes the
     means first (this repository's convention, as asteroid and ESPnet); without it the value is
     torchmetrics' default ``scale_invariant_signal_distortion_ratio(zero_mean=False)``. Any
-    rate, the same for both."""
-    return float(si_sdr(_t(estimate), _t(target), zero_mean=zero_mean)[0])
+    rate, the same for both. The floors are those of ``losses.separation.si_sdr``
+    (``SI_SDR_REL_EPS |e|^2 + ENERGY_EPS`` on both energies), so the value equals it to rounding
+    and torchmetrics' to that floor's shift (~4e-10 * 10^(SI-SDR / 10) dB: 4e-9 dB at 10 dB).
+
+    Long signals: exact, in ``BLOCK_SAMPLES`` float64 blocks and three passes (the means, then
+    ``<e, s>``, ``|s|^2`` and ``|e|^2``, then ``|a s|^2`` and ``|a s - e|^2`` summed directly
+    rather than by the closed form ``|e|^2 - <e, s>^2 / |s|^2``, which cancels catastrophically
+    at high SI-SDR); memory is a few blocks whatever the length.
+
+    Shape:
+        estimate (N,), target (N,)
+    """
+    n = len(target)
+    mean_e = mean_s = 0.0
+    if zero_mean:
+        for e, s in _float64_blocks(estimate, target):
+            mean_e, mean_s = mean_e + e.sum(), mean_s + s.sum()
+        mean_e, mean_s = mean_e / n, mean_s / n
+    dot = energy_s = energy_e = 0.0
+    for e, s in _float64_blocks(estimate, target):
+        e -= mean_e
+        s -= mean_s
+        dot, energy_s, energy_e = dot + e @ s, energy_s + s @ s, energy_e + e @ e
+    alpha = dot / (energy_s + ENERGY_EPS)
+    projection = distortion = 0.0
+    for e, s in _float64_blocks(estimate, target):
+        e -= mean_e
+        s -= mean_s
+        s *= alpha  # the projection
+        e -= s  # the distortion
+        projection, distortion = projection + s @ s, distortion + e @ e
+    eps = SI_SDR_REL_EPS * energy_e + ENERGY_EPS
+    return DB_PER_LOG10 * (math.log10(projection + eps) - math.log10(distortion + eps))
 
 
 def resample_for_pesq(wave: np.ndarray, sample_rate: int, pesq_sr: int) -> np.ndarray:
-    """The signal PESQ sees: ``wave`` resampled to ``pesq_sr`` with soxr (float64)."""
+    """The signal PESQ sees: ``wave`` resampled to ``pesq_sr`` with soxr (float64). A
+    whole-signal copy: ``pesq`` calls it on one segment at a time."""
     wave = np.asarray(wave, dtype=np.float64)
     return wave if sample_rate == pesq_sr else soxr.resample(wave, sample_rate, pesq_sr)
+
+
+def _pesq_reason(err: Exception) -> str:
+    """The note of a PESQ failure: its class and message."""
+    detail = err.args[0] if err.args else ""
+    if isinstance(detail, bytes):  # the C extension passes its message as bytes
+        detail = detail.decode(errors="replace")
+    return f"pesq: {type(err).__name__}: {detail}".rstrip(": ")
 
 
 def pesq(estimate: np.ndarray, target: np.ndarray, sample_rate: int, pesq_sr: int,
          notes: list[str]) -> float:
     """PESQ (ITU-T P.862.2 wide-band at 16 kHz, or P.862 narrow-band at 8 kHz) of the estimate
     against the target, both resampled with soxr to ``pesq_sr``; a PESQ failure (no utterance
-    found, too short) gives NaN and its reason in ``notes``."""
-    deg = resample_for_pesq(estimate, sample_rate, pesq_sr)
-    ref = resample_for_pesq(target, sample_rate, pesq_sr)
-    try:
-        return float(pesq_lib.pesq(pesq_sr, ref, deg, PESQ_MODES[pesq_sr]))
-    except pesq_lib.PesqError as err:
-        detail = err.args[0] if err.args else ""
-        if isinstance(detail, bytes):  # the C extension passes its message as bytes
-            detail = detail.decode(errors="replace")
-        notes.append(f"pesq: {type(err).__name__}: {detail}".rstrip(": "))
-        return math.nan
+    found, too short) gives NaN and its reason in ``notes``.
+
+    Long signals: scored on the ``segment_bounds`` segments (consecutive, equal, at most
+    ``LONG_SEGMENT_SECONDS``), each resampled alone; the value is the mean of the segment
+    scores weighted by segment length, over the segments that scored. A failure reason is
+    noted once with how many segments it hit (``pesq: NoUtterancesError: ... (2 of 5
+    segments)``); NaN when no segment scored. A signal of up to 60 s is one segment and gets
+    the whole-file score. On a longer one the value is not one whole-file P.862 score (its
+    time alignment and averaging span the file), but the ``pesq`` package cannot compute that
+    safely: its C code segfaults or aborts on long input (ludlows/PESQ issues #15, #18; here at
+    ~300 s).
+    """
+    bounds = segment_bounds(len(target), sample_rate)
+    scores, weights, failures = [], [], Counter[str]()
+    for start, stop in bounds:
+        deg = resample_for_pesq(estimate[start:stop], sample_rate, pesq_sr)
+        ref = resample_for_pesq(target[start:stop], sample_rate, pesq_sr)
+        try:
+            scores.append(float(pesq_lib.pesq(pesq_sr, ref, deg, PESQ_MODES[pesq_sr])))
+            weights.append(stop - start)
+        except pesq_lib.PesqError as err:
+            failures[_pesq_reason(err)] += 1
+    notes.extend(_segment_note(reason, k, len(bounds)) for reason, k in failures.items())
+    return _weighted_mean(scores, weights)
 
 
 def stoi(estimate: np.ndarray, target: np.ndarray, sample_rate: int, *, extended: bool,
          notes: list[str]) -> float:
     """STOI (Taal et al., 2011) or extended STOI (Jensen & Taal, 2016) from pystoi, called with
     the signals at their own rate (pystoi resamples both to its 10 kHz internally, so the value
-    is the reference implementation's). NaN when too little non-silent speech is left."""
+    is the reference implementation's). NaN when too little non-silent speech is left.
+
+    Long signals: the ``segment_bounds`` rule of ``pesq``, one pystoi call per segment of at
+    most 60 s, the mean weighted by segment length over the segments that scored (a segment
+    with too little speech does not count; the note comes only when none scored). Up to 60 s
+    the value is the whole-file one. Beyond, it differs from one whole-file call: pystoi drops
+    the frames more than 40 dB below the loudest frame *of the signal it is given*, so silence
+    removal is relative to each segment's loudest frame, and the 30-frame windows do not span
+    segment boundaries. Why: a whole-file call holds every 30-frame window as a copy (~30
+    copies of each frame of 15 band envelopes) plus its normalised copies, measured here on
+    tiled speech at 0.46 GB (STOI) and 0.67 GB (eSTOI) above the process for 10 min, so ~3
+    and ~4 GB for 60 min, and more for speech with fewer pauses.
+    """
     name = "estoi" if extended else "stoi"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        value = float(pystoi_stoi(target, estimate, sample_rate, extended=extended))
-    # pystoi warns and returns 1e-5 when too little non-silent speech is left: not a score.
-    if any(issubclass(w.category, RuntimeWarning) for w in caught):
+    scores, weights = [], []
+    for start, stop in segment_bounds(len(target), sample_rate):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = float(pystoi_stoi(target[start:stop], estimate[start:stop], sample_rate,
+                                      extended=extended))
+        # pystoi warns and returns 1e-5 when too little non-silent speech is left: not a score.
+        if not any(issubclass(w.category, RuntimeWarning) for w in caught):
+            scores.append(value)
+            weights.append(stop - start)
+    if not scores:
         notes.append(f"{name}: too little non-silent speech")
-        return math.nan
-    return value
+    return _weighted_mean(scores, weights)
 
 
-def bss_sdr(estimate: np.ndarray, target: np.ndarray, notes: list[str]) -> float:
+def bss_sdr(estimate: np.ndarray, target: np.ndarray, notes: list[str], *,
+            sample_rate: int = SAMPLE_RATE) -> float:
     """SDR of BSS-Eval v3 (Vincent et al., 2006; ``mir_eval.separation.bss_eval_sources``):
-    distortions up to a 512-tap filter are allowed. Slow on long signals."""
-    import mir_eval  # imported here: only --sdr needs it, and it is slow to import
+    distortions up to a 512-tap filter are allowed.
 
+    Long signals: not computed above ``SDR_MAX_SECONDS`` (NaN and a note): the projection
+    onto the target's 512 delayed copies is one whole-signal computation that holds ~11 MB
+    per second of signal (0.65 GB at 60 s), and a segment-wise value would be another metric.
+    """
+    if len(target) > SDR_MAX_SECONDS * sample_rate:
+        notes.append(f"sdr: not computed above {SDR_MAX_SECONDS:g} s (BSS-Eval's filter "
+                     "projection holds ~11 MB per second of signal)")
+        return math.nan
+    import mir_eval  # imported here: only --sdr needs it, and it is slow to import
     try:
         with warnings.catch_warnings():
             # mir_eval 0.8 marks its separation module deprecated; the numbers are BSS-Eval v3.
@@ -200,11 +320,42 @@ def bss_sdr(estimate: np.ndarray, target: np.ndarray, notes: list[str]) -> float
     return float(sdr[0])
 
 
-def _band_power(wave: np.ndarray, sample_rate: int) -> np.ndarray:
-    """The STFT power in ``LSD_BAND_HZ``. Shape: (N,) -> (T, F_band)."""
-    x = torch.from_numpy(np.asarray(wave, dtype=np.float64))
+def _reflected(wave: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """``wave[start:stop]`` in float64, where indices before 0 or from N on read the signal
+    reflected about its first or last sample (``torch.stft``'s centred ``reflect`` padding;
+    like it, this needs N to exceed the padding, ``-start`` and ``stop - N``)."""
+    n = len(wave)
+    parts = [np.asarray(wave[max(start, 0) : min(stop, n)], dtype=np.float64)]
+    if start < 0:  # x[-start], ..., x[1]
+        parts.insert(0, np.asarray(wave[1 : 1 - start], dtype=np.float64)[::-1])
+    if stop > n:  # x[N - 2], ..., x[2N - 1 - stop]
+        parts.append(np.asarray(wave[2 * n - 1 - stop : n - 1], dtype=np.float64)[::-1])
+    return np.concatenate(parts)
+
+
+def _lsd_frames(n: int) -> int:
+    """Frames of the centred ``LSD_N_FFT``/``LSD_HOP`` STFT of ``n`` samples."""
+    return 1 + n // LSD_HOP
+
+
+def _band_power(wave: np.ndarray, sample_rate: int, *,
+                frames: tuple[int, int] | None = None) -> np.ndarray:
+    """The STFT power in ``LSD_BAND_HZ`` of frames ``[t0, t1)`` (all by default) of the
+    whole-signal ``torch.stft(center=True)`` (reflect padding), computed from only the samples
+    those frames see.
+
+    Shape:
+        wave (N,) -> (t1 - t0, F_band)
+    """
+    half = LSD_N_FFT // 2
+    if len(wave) <= half:
+        raise ValueError(f"the LSD's centred STFT needs more than {half} samples "
+                         f"(reflect padding), got {len(wave)}")
+    t0, t1 = frames if frames is not None else (0, _lsd_frames(len(wave)))
+    chunk = torch.from_numpy(_reflected(wave, t0 * LSD_HOP - half, (t1 - 1) * LSD_HOP + half))
     window = torch.hann_window(LSD_N_FFT, dtype=torch.float64)
-    spec = torch.stft(x, LSD_N_FFT, LSD_HOP, window=window, return_complex=True)  # (F, T)
+    spec = torch.stft(chunk, LSD_N_FFT, LSD_HOP, window=window, center=False,
+                      return_complex=True)  # (F, t1 - t0)
     freqs = np.fft.rfftfreq(LSD_N_FFT, 1 / sample_rate)
     band = (freqs >= LSD_BAND_HZ[0]) & (freqs <= LSD_BAND_HZ[1])
     return spec.abs().square().numpy()[band].T
@@ -218,26 +369,60 @@ def lsd_highband(estimate: np.ndarray, target: np.ndarray, sample_rate: int = SA
     loudest one, both powers floored ``LSD_FLOOR_DB`` below the target's loudest bin. The
     bandwidth-extension literature's unitless LSD (log10 power, no factor 10) is this value
     / 10. Not scale-invariant: a gain g reads 20 log10 g. Needs 48 kHz signals (a band up to
-    24 kHz); NaN when the target has no energy in the band."""
+    24 kHz) of more than ``LSD_N_FFT / 2`` samples; NaN when the target has no energy in the
+    band.
+
+    Long signals: the same value as on the whole signal (to rounding), computed over
+    ``LSD_BLOCK_FRAMES`` frames at a time in two passes: the target's per-frame band power and
+    loudest bin (the active frames and the floor stay relative to the whole signal), then the
+    distance of the active frames. Memory: one block's spectra plus 8 bytes per frame.
+
+    Shape:
+        estimate (N,), target (N,)
+    """
     if sample_rate < 2 * LSD_BAND_HZ[1]:
         raise ValueError(f"lsd_highband needs 48 kHz signals, got {sample_rate} Hz")
-    ref, est = _band_power(target, sample_rate), _band_power(estimate, sample_rate)
-    if ref.max() <= 0:
+    n_frames = _lsd_frames(len(target))
+    blocks = [(t, min(t + LSD_BLOCK_FRAMES, n_frames))
+              for t in range(0, n_frames, LSD_BLOCK_FRAMES)]
+    frame_power = np.empty(n_frames)  # (T,) the target's mean band power per frame
+    peak = 0.0
+    for t0, t1 in blocks:
+        ref = _band_power(target, sample_rate, frames=(t0, t1))
+        frame_power[t0:t1] = ref.mean(axis=1)
+        peak = max(peak, float(ref.max()))
+    if peak <= 0:
         if notes is not None:
             notes.append("lsd_hb: no target energy above 8 kHz")
         return math.nan
-    floor = ref.max() * 10 ** (-LSD_FLOOR_DB / 10)
-    frame = ref.mean(axis=1)  # (T,)
-    active = frame > frame.max() * 10 ** (-LSD_ACTIVE_DB / 10)
-    diff = 10 * np.log10((ref[active] + floor) / (est[active] + floor))
-    return float(np.mean(np.sqrt(np.mean(diff**2, axis=1))))
+    floor = peak * 10 ** (-LSD_FLOOR_DB / 10)
+    active = frame_power > frame_power.max() * 10 ** (-LSD_ACTIVE_DB / 10)
+    total = 0.0
+    for t0, t1 in blocks:
+        keep = active[t0:t1]
+        if keep.any():
+            ref = _band_power(target, sample_rate, frames=(t0, t1))[keep]
+            est = _band_power(estimate, sample_rate, frames=(t0, t1))[keep]
+            diff = 10 * np.log10((ref + floor) / (est + floor))
+            total += float(np.sqrt(np.mean(diff**2, axis=1)).sum())
+    return total / int(active.sum())
 
 
 def ta_suppression(estimate: np.ndarray, mixture: np.ndarray) -> float:
     """Target-absent suppression in dB, ``10 log10(E_mixture / E_estimate)`` (energies over the
-    whole signal, float64; ``losses.separation.ta_suppression_db``): how far below the mixture
-    the output of a sample without its target stays. Any rate, the same for both."""
-    return float(ta_suppression_db(_t(estimate), _t(mixture))[0])
+    whole signal, float64, floored and clamped as ``losses.separation.ta_suppression_db``): how
+    far below the mixture the output of a sample without its target stays. Any rate, the same
+    for both. Long signals: the energies are summed over ``BLOCK_SAMPLES`` blocks (the same
+    value; memory a few blocks).
+
+    Shape:
+        estimate (N,), mixture (N,)
+    """
+    energy_e = energy_m = 0.0
+    for e, m in _float64_blocks(estimate, mixture):
+        energy_e, energy_m = energy_e + e @ e, energy_m + m @ m
+    db = DB_PER_LOG10 * (math.log10(energy_m + ENERGY_EPS) - math.log10(energy_e + ENERGY_EPS))
+    return min(max(db, -MAX_SUPPRESSION_DB), MAX_SUPPRESSION_DB)
 
 
 def speaker_confusion(estimate: np.ndarray, heard: np.ndarray, *,
@@ -246,6 +431,7 @@ def speaker_confusion(estimate: np.ndarray, heard: np.ndarray, *,
     the estimate against an interferer, 1.0 if that exceeds its SI-SDR against the target else
     0.0). The sources are compared as heard in the mixture (``Sample.heard``: reverberant
     target first, then the interferers), so neither side gets the dry target's advantage.
+    Long signals: blockwise, as ``si_sdr_db``.
 
     Shape:
         estimate (N,), heard (1 + K, N) with K >= 1
@@ -253,138 +439,3 @@ def speaker_confusion(estimate: np.ndarray, heard: np.ndarray, *,
     scores = [si_sdr_db(estimate, s, zero_mean=zero_mean) for s in heard]
     best_interferer = max(scores[1:])
     return best_interferer, float(best_interferer > scores[0])
-
-
-# ---------------------------------------------------------------------------------------------
-# A sample's row
-# ---------------------------------------------------------------------------------------------
-
-
-def _nan_row(settings: MetricSettings, prefix: str, estimate: bool) -> dict[str, float]:
-    return {prefix + n: math.nan for n in settings.columns()
-            if not n.startswith(STREAM_PREFIX) and COLUMNS[n].estimate == estimate}
-
-
-def _applies(name: str, sample: Sample, settings: MetricSettings) -> bool:
-    col = COLUMNS[name]
-    return col.group in settings.groups and sample.condition in col.conditions
-
-
-class _Embeddings:
-    """Speaker embeddings of one sample, each computed once (the reference and the mixture
-    serve every estimate)."""
-
-    def __init__(self, sample_rate: int) -> None:
-        self.sr = sample_rate
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __call__(self, key: str, wave: np.ndarray) -> np.ndarray:
-        from evaluation.speaker_similarity import speaker_embedding
-
-        if key not in self._cache:
-            self._cache[key] = speaker_embedding(wave, self.sr)
-        return self._cache[key]
-
-
-def estimate_metrics(estimate: np.ndarray, sample: Sample, settings: MetricSettings,
-                     embed: _Embeddings, notes: list[str], prefix: str = "",
-                     si_sdr_mix: float = math.nan) -> dict[str, Any]:
-    """The estimate-dependent columns of one estimate (NaN where they do not apply);
-    ``si_sdr_mix`` is the mixture's SI-SDR (``baseline_metrics``), which SI-SDRi subtracts."""
-    out = _nan_row(settings, prefix, estimate=True)
-    if not np.isfinite(estimate).all():
-        notes.append(f"{prefix}non-finite estimate")
-        return out
-    sr, zm = settings.sample_rate, settings.zero_mean
-    put = {}
-    if sample.condition == TA and "core" in settings.groups:
-        put["ta_suppression_db"] = ta_suppression(estimate, sample.mix)
-    if sample.condition == TP and "core" in settings.groups:
-        target = sample.target
-        put["si_sdr"] = si_sdr_db(estimate, target, zero_mean=zm)
-        put["si_sdri"] = put["si_sdr"] - si_sdr_mix
-        put["pesq"] = pesq(estimate, target, sr, settings.pesq_sr, notes)
-        put["stoi"] = stoi(estimate, target, sr, extended=False, notes=notes)
-        put["estoi"] = stoi(estimate, target, sr, extended=True, notes=notes)
-        put["lsd_hb"] = lsd_highband(estimate, target, sr, notes)
-        if settings.sdr:
-            put["sdr"] = bss_sdr(estimate, target, notes)
-        if sample.heard is not None and len(sample.heard) > 1:
-            put["si_sdr_interferer"], put["confusion"] = speaker_confusion(
-                estimate, sample.heard, zero_mean=zm)
-    if "similarity" in settings.groups:
-        from evaluation.speaker_similarity import cosine_similarity
-
-        est = embed(prefix + "estimate", estimate)
-        put["spk_sim_ref"] = cosine_similarity(est, embed("ref", sample.ref))
-        if sample.condition == TP:
-            put["spk_sim_target"] = cosine_similarity(est, embed("target", sample.target))
-    if "dnsmos" in settings.groups:
-        from evaluation.dnsmos import dnsmos
-
-        for name, personalized in (("dnsmos", False), ("pdnsmos", True)):
-            scores = dnsmos(estimate, sr, personalized=personalized, level_dbfs=DNSMOS_LEVEL_DBFS)
-            for key in ("sig", "bak", "ovrl"):
-                put[f"{name}_{key}"] = scores[key]
-    if _applies("wer", sample, settings) and sample.transcript is not None:
-        put["wer"] = _wer(sample.transcript, estimate, sr)
-    if _applies("visqol", sample, settings):
-        from evaluation.visqol import visqol_audio
-
-        put["visqol"] = visqol_audio(estimate, sample.target, sr)
-    out.update({prefix + k: v for k, v in put.items()})
-    return out
-
-
-def _wer(transcript: str, wave: np.ndarray, sample_rate: int) -> float:
-    from evaluation.asr import transcribe, word_errors
-
-    errors, words = word_errors(transcript, transcribe(wave, sample_rate))
-    return errors / words if words else math.nan
-
-
-def baseline_metrics(sample: Sample, settings: MetricSettings, embed: _Embeddings,
-                     notes: list[str]) -> dict[str, Any]:
-    """The columns of the mixture or target alone: what extraction starts from."""
-    out = _nan_row(settings, "", estimate=False)
-    sr = settings.sample_rate
-    if _applies("si_sdr_mix", sample, settings):
-        out["si_sdr_mix"] = si_sdr_db(sample.mix, sample.target, zero_mean=settings.zero_mean)
-        out["lsd_hb_mix"] = lsd_highband(sample.mix, sample.target, sr)
-    if "similarity" in settings.groups:
-        from evaluation.speaker_similarity import cosine_similarity
-
-        out["spk_sim_mix"] = cosine_similarity(embed("mix", sample.mix),
-                                               embed("ref", sample.ref))
-    if "dnsmos" in settings.groups:
-        from evaluation.dnsmos import dnsmos
-
-        for name, personalized in (("dnsmos", False), ("pdnsmos", True)):
-            out[f"{name}_ovrl_mix"] = dnsmos(sample.mix, sr, personalized=personalized,
-                                            level_dbfs=DNSMOS_LEVEL_DBFS)["ovrl"]
-    if _applies("wer_mix", sample, settings) and sample.transcript is not None:
-        from evaluation.asr import word_errors
-
-        out["words"] = word_errors(sample.transcript, sample.transcript)[1]
-        out["wer_mix"] = _wer(sample.transcript, sample.mix, sr)
-        if sample.condition == TP:
-            out["wer_target"] = _wer(sample.transcript, sample.target, sr)
-    return out
-
-
-def score(estimates: dict[str, np.ndarray], sample: Sample,
-          settings: MetricSettings) -> dict[str, Any]:
-    """Every column of one sample: ``estimates`` maps a column prefix ("" for the whole-file
-    estimate, ``stream_`` for the chunked one) to its estimate; ``notes`` says what failed.
-
-    Shape:
-        estimates: prefix -> (N,) at ``settings.sample_rate``
-    """
-    notes: list[str] = []
-    embed = _Embeddings(settings.sample_rate)
-    row = baseline_metrics(sample, settings, embed, notes)
-    for prefix, estimate in estimates.items():
-        row.update(estimate_metrics(estimate, sample, settings, embed, notes, prefix,
-                                    si_sdr_mix=row.get("si_sdr_mix", math.nan)))
-    row["notes"] = "; ".join(dict.fromkeys(notes))
-    return row

@@ -1,11 +1,17 @@
 """Statistics, breakdowns and the files an evaluation writes.
 
-Every file is written atomically (a temporary file in the same folder, then a rename):
-``per_sample.csv``, ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and, for the best,
-median and worst TP samples by SI-SDRi, ``examples/{label}_spectrogram.png`` and
-``examples/{label}_{mix,ref,estimate,target}.wav``. Summaries (mean, median, standard deviation,
-5/25/75/95th percentiles) skip NaN; the WER of a group is the corpus WER (all its errors over
-all its reference words), not a mean of per-sample rates.
+During a run each finished row is appended to ``per_sample.csv`` and flushed (``RowWriter``),
+beside ``fingerprint.json``, the settings the rows were scored with: a run that is killed keeps
+its rows, and a rerun into the same folder with the same fingerprint scores only the missing IDs
+(``resume_rows``); one with another fingerprint is refused. At the end ``per_sample.csv`` is
+rewritten in source order, and every other file is written atomically (a temporary file in the
+same folder, then a rename): ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and, for the
+best, median and worst TP samples by SI-SDRi, ``examples/{label}_spectrogram.png`` and
+``examples/{label}_{mix,ref,estimate,target}.wav``. The summaries are computed from the rows as
+the CSV holds them (6 decimals), so a resumed run's summary equals an uninterrupted one's.
+Summaries (mean, median, standard deviation, 5/25/75/95th percentiles) skip NaN; the WER of a
+group is the corpus WER (all its errors over all its reference words), not a mean of per-sample
+rates.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import csv
 import io
 import itertools
+import json
 import math
 import os
 import tempfile
@@ -25,10 +32,11 @@ import torch
 from matplotlib.figure import Figure
 
 from data.audio_utils import SAMPLE_RATE, STFT, save_audio
-from evaluation.metrics import STREAM_PREFIX, column
-from evaluation.sources import TA, TP, UNKNOWN, Sample
+from evaluation.metrics import COLUMNS, STREAM_PREFIX, column
+from evaluation.sources import TA, TP, UNKNOWN, EvalInputError, Sample, Skipped
 
 CSV_NAME, SUMMARY_NAME, REPORT_NAME = "per_sample.csv", "summary.json", "report.md"
+FINGERPRINT_NAME = "fingerprint.json"
 HIST_NAME, EXAMPLES_DIR = "si_sdri_hist.png", "examples"
 EXAMPLE_LABELS = ("best", "median", "worst")
 ROW_FIELDS = ("id", "condition", "n_interferers", "snr_db", "ref_noisy", "seconds")
@@ -42,6 +50,12 @@ SPEC_EPS = 1e-10  # magnitude floor before the log (-200 dB)
 FIGURE_DPI = 120
 HZ_PER_KHZ = 1000.0
 CONDITIONS = (TP, TA, UNKNOWN)
+
+# Row fields that are not metrics, and their types in the CSV (empty cell: None); every other
+# field but id, condition and notes is a float (empty cell: NaN).
+META_TYPES: dict[str, type] = {"n_interferers": int, "snr_db": float, "ref_noisy": bool,
+                               "seconds": float}
+TEXT_FIELDS = ("id", "condition", "notes")
 
 # SPEC §6: the v1 model, 48 kHz, 200 validation samples (158 TP + 42 TA).
 V1_REFERENCE = {
@@ -129,6 +143,18 @@ def bad_si_sdri(rows: Sequence[dict[str, Any]], key: str = "si_sdri") -> dict[st
     return out
 
 
+def metric_failures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """How many rows lost a metric (their ``notes``), and how often each reason occurs."""
+    reasons: dict[str, int] = {}
+    failed = 0
+    for row in rows:
+        notes = [n for n in row.get("notes", "").split("; ") if n]
+        failed += bool(notes)
+        for note in notes:
+            reasons[note] = reasons.get(note, 0) + 1
+    return {"n_items": failed, "reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1]))}
+
+
 def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str],
               edges: Sequence[float]) -> dict[str, Any]:
     """Statistics of every column over all rows and per breakdown group."""
@@ -150,6 +176,7 @@ def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str],
         "metrics": breakdown["all"]["metrics"],
         "bad_si_sdri": breakdown["all"]["bad_si_sdri"],
         "wer": breakdown["all"]["wer"],
+        "metric_failures": metric_failures(rows),
         "breakdown": breakdown,
     }
     if STREAM_PREFIX + "si_sdri" in columns:
@@ -207,6 +234,103 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str])
     for row in rows:
         writer.writerow([_csv_cell(row.get(k)) for k in fields])
     write_text(path, buf.getvalue())
+
+
+def _parse_cell(field: str, cell: str) -> Any:
+    if field in TEXT_FIELDS:
+        return cell
+    kind = META_TYPES.get(field)
+    if kind is None:  # a metric: counts (fmt "d") stay integers
+        if not cell:
+            return math.nan
+        metric = COLUMNS.get(field.removeprefix(STREAM_PREFIX))
+        return int(cell) if metric is not None and metric.fmt == "d" else float(cell)
+    if not cell:
+        return None
+    return bool(int(cell)) if kind is bool else kind(cell)
+
+
+def row_from_cells(cells: dict[str, str], fields: Sequence[str]) -> dict[str, Any]:
+    """A row as ``write_csv`` wrote it, typed again; ``ValueError`` for a malformed one."""
+    return {k: _parse_cell(k, cells[k]) for k in fields}
+
+
+def as_written(row: dict[str, Any], fields: Sequence[str]) -> dict[str, Any]:
+    """``row`` as it reads back from the CSV: the values every summary is computed from."""
+    return row_from_cells({k: _csv_cell(row.get(k)) for k in fields}, fields)
+
+
+def fingerprint_mismatch(stored: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between two fingerprints, in one line; None when they are equal."""
+    keys = [k for k in dict.fromkeys([*stored, *current]) if stored.get(k) != current.get(k)]
+    if not keys:
+        return None
+    return "; ".join(f"{k}: {stored.get(k)!r} there, {current.get(k)!r} now" for k in keys)
+
+
+def resume_rows(out_dir: Path, fields: Sequence[str],
+                fingerprint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows already scored in ``out_dir`` by an evaluation with this ``fingerprint``, by ID
+    (none in a new folder). A line cut short by a kill, or otherwise unreadable, is dropped (its
+    ID is scored again) and the CSV is rewritten without it, so appends continue cleanly.
+    Raises ``EvalInputError`` when the folder holds rows of other settings."""
+    csv_path, fp_path = out_dir / CSV_NAME, out_dir / FINGERPRINT_NAME
+    if not csv_path.exists():
+        return {}
+    if not fp_path.exists():
+        raise EvalInputError(f"{csv_path}: results without {FINGERPRINT_NAME} (an older or "
+                             "foreign evaluation): use another --out-dir, or remove them")
+    try:
+        stored = json.loads(fp_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise EvalInputError(f"{fp_path}: unreadable ({err})") from None
+    if (diff := fingerprint_mismatch(stored, json_safe(fingerprint))) is not None:
+        raise EvalInputError(f"{out_dir}: holds an evaluation with other settings ({diff}); "
+                             "use another --out-dir")
+    rows: dict[str, dict[str, Any]] = {}
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header != list(fields):
+            raise EvalInputError(f"{csv_path}: its columns are not this evaluation's; use "
+                                 "another --out-dir")
+        for cells in reader:
+            try:
+                if len(cells) != len(fields):
+                    raise ValueError("cut short")
+                row = row_from_cells(dict(zip(fields, cells, strict=True)), fields)
+            except ValueError:
+                continue  # the line a kill cut short: scored again
+            rows[row["id"]] = row
+    write_csv(csv_path, list(rows.values()), fields)
+    return rows
+
+
+class RowWriter:
+    """Appends rows to ``per_sample.csv``, each flushed at once. The fingerprint and the header
+    are written with the first row, so a run that scores nothing leaves no file."""
+
+    def __init__(self, out_dir: Path, fields: Sequence[str], fingerprint: dict[str, Any]) -> None:
+        self.path = out_dir / CSV_NAME
+        self.fields = list(fields)
+        self.fingerprint = fingerprint
+        self._file: io.TextIOWrapper | None = None
+
+    def append(self, row: dict[str, Any]) -> None:
+        if self._file is None:
+            if not self.path.exists():
+                write_text(self.path.parent / FINGERPRINT_NAME,
+                           json.dumps(json_safe(self.fingerprint), indent=2) + "\n")
+                write_csv(self.path, [], self.fields)
+            self._file = self.path.open("a", newline="", encoding="utf-8")
+        csv.writer(self._file, lineterminator="\n").writerow(
+            [_csv_cell(row.get(k)) for k in self.fields])
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def json_safe(value: Any) -> Any:
@@ -449,9 +573,19 @@ def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
         ),
         "",
     ]
+    skipped: list[Skipped] = info["skipped"]
+    if skipped:
+        lines += ["## Inputs skipped", "",
+                  f"{len(skipped)} sample{'s' if len(skipped) != 1 else ''} not scored:", "",
+                  *(f"- `{k.id}`: {k.problem}" for k in skipped), ""]
     failures = [(r["id"], r["notes"]) for r in rows if r.get("notes")]
     if failures:
-        lines += ["## Metrics that failed (NaN)", "", *(f"- `{i}`: {n}" for i, n in failures), ""]
+        counts = summary["metric_failures"]
+        lines += ["## Metrics that failed (NaN)", "",
+                  f"{counts['n_items']} of {len(rows)} samples lost at least one metric:", "",
+                  *_table(["reason", "samples"],
+                          [[r, str(n)] for r, n in counts["reasons"].items()]),
+                  "", *(f"- `{i}`: {n}" for i, n in failures), ""]
     lines += ["## Figures and audio", "", f"![SI-SDRi histogram]({HIST_NAME})", ""]
     examples = info["examples"]
     if examples:

@@ -4,30 +4,38 @@ Each sample is loaded (and, with ``lufs``, its mixture loudness-normalised), ext
 ``inference.Extractor`` as inference.py extracts it (whole file: windows, cross-fades, one level
 per file) and, with ``chunk``, a second time chunk by chunk as a streaming system would
 (``Extractor.extract_chunked``). The metrics, which are CPU-heavy, run in ``jobs`` spawned
-worker processes while the next sample is extracted.
+worker processes (``evaluation/isolation.py``) while the next sample is extracted. A sample
+that cannot be loaded is skipped; a metric that crashes or hangs costs that metric on that row.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-import multiprocessing
-import os
-from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+import shutil
+from collections import deque
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyloudnorm
-import torch
 from tqdm import tqdm
 
-from data.audio_utils import SAMPLE_RATE
-from evaluation.metrics import STREAM_PREFIX, MetricSettings, score
-from evaluation.sources import Sample, SampleSource
-from inference import Extractor
+from data.audio_utils import SAMPLE_RATE, AudioError
+from evaluation.isolation import Failure, Job, WorkerPool, run_alone, write_item
+from evaluation.metrics import STREAM_PREFIX, MetricSettings
+from evaluation.scoring import UNITS, nan_row, score, units_of
+from evaluation.sources import EvalInputError, Sample, SampleSource, Skipped
+from inference import Extractor, InferenceError
 
-MAX_IN_FLIGHT_PER_JOB = 4  # estimates waiting for a metric worker; bounds the memory they hold
+log = logging.getLogger("evaluate")
+
+# Samples extracted ahead of the metric workers, per worker (their scratch folders wait on disk).
+MAX_QUEUED_PER_JOB = 2
+SECONDS_PER_MINUTE = 60.0
+METRIC_TIMEOUT_S = 600.0  # default time one sample's metrics may take per minute of its audio
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,9 @@ class RunSettings:
     lufs: float | None = None  # loudness-normalise each mixture to this (LUFS) before extraction
     chunk_seconds: float | None = None  # also extract in independent chunks of this length
     chunk_overlap_seconds: float = 0.0
+    metric_timeout_s: float = METRIC_TIMEOUT_S  # per started minute of a sample's audio
+
+
 
 
 def mixture_loudness(mix: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
@@ -86,12 +97,31 @@ def extract_all(extractor: Extractor, sample: Sample,
     return out
 
 
-def _init_worker() -> None:
-    # One thread per worker: the workers are the parallelism, and the generator in the main
-    # process needs the remaining cores (NUMBA_NUM_THREADS: ViSQOL's numba kernels, read when
-    # numba is first imported).
-    torch.set_num_threads(1)
-    os.environ["NUMBA_NUM_THREADS"] = "1"
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def _merge(row: dict[str, Any], result: dict[str, Any]) -> None:
+    row["notes"] += result.pop("notes")
+    row.update(result)
+
+
+def _unit_by_unit(job: Job, failure: Failure) -> dict[str, Any]:
+    """A job whose worker died or hung, scored again one unit per fresh process: the units that
+    fail again are the culprits (NaN, and a note such as ``pesq: crashed (signal 11,
+    SIGSEGV)``); every other unit keeps its columns."""
+    merged: dict[str, Any] = {"notes": []}
+    units = job.units if job.units is not None else units_of(job.settings)
+    log.warning("metric worker %s on %s: scoring it again one metric at a time",
+                failure.reason, job.name)
+    for unit in units:
+        result = run_alone(replace(job, units=(unit,)))
+        if isinstance(result, Failure):
+            log.warning("%s: %s %s", job.name, unit, result.reason)
+            merged["notes"].append(f"{unit}: {result.reason}")
+        else:
+            _merge(merged, result)
+    return merged
 
 
 def run_samples(
@@ -100,44 +130,88 @@ def run_samples(
     *,
     settings: RunSettings,
     metrics: MetricSettings,
-) -> list[dict[str, Any]]:
-    """One row per source, in the sources' order: conditions and metrics.
+    scratch: Path,
+    on_row: Callable[[int, dict[str, Any]], None],
+    on_skip: Callable[[Skipped], None],
+    done_ids: Collection[str] = (),
+    strict: bool = False,
+) -> None:
+    """Score every source whose ID is not in ``done_ids``: ``on_row(index, row)`` as soon as a
+    row is complete (in completion order), ``on_skip`` for a sample that cannot be loaded or
+    extracted (with ``strict``, its error is raised instead).
 
-    ``settings.jobs`` worker processes (spawned: safe after CUDA and OpenMP are initialised)
-    compute the metrics while the main process extracts the next samples; 0 computes them in
-    the main process (for debugging).
+    The main process loads and extracts; each sample's signals and estimates go to a folder
+    under ``scratch`` (deleted when its row is done), where ``settings.jobs`` spawned metric
+    workers read them (``evaluation/isolation.py``) while the next samples are extracted. With
+    ``jobs`` 0 the samples are scored one at a time and the units that are not ``native`` run
+    in the main process (for debugging); the native ones still run in a child. A worker that
+    crashes or passes its sample's time (``metric_timeout_s`` per started minute of audio)
+    costs only the unit that caused it (``_unit_by_unit``).
     """
-    jobs = settings.jobs
-    rows: list[dict[str, Any]] = [{} for _ in sources]
-    bar = tqdm(total=len(sources), desc="evaluate", unit="sample", disable=None)
-    pool = (
-        ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                            initializer=_init_worker)
-        if jobs > 0
-        else None
-    )
-    pending: dict[Future[dict[str, Any]], int] = {}
+    units = units_of(metrics)
+    if settings.jobs > 0:
+        inline, pooled = (), units
+    else:
+        inline = tuple(u for u in units if not UNITS[u].native)
+        pooled = tuple(u for u in units if UNITS[u].native)
+    todo = [(i, s) for i, s in enumerate(sources) if s.id not in done_ids]
+    bar = tqdm(total=len(todo), desc="evaluate", unit="sample", disable=None)
+    pool = WorkerPool(max(1, settings.jobs)) if pooled and todo else None
+    waiting: dict[int, dict[str, Any]] = {}  # rows whose pooled units are queued or running
+    queue: deque[Job] = deque()
+    max_waiting = 0 if settings.jobs == 0 else settings.jobs + MAX_QUEUED_PER_JOB * settings.jobs
 
-    def collect(done: set[Future[dict[str, Any]]]) -> None:
-        for fut in done:
-            rows[pending.pop(fut)].update(fut.result())
-            bar.update()
+    def finish(index: int, row: dict[str, Any]) -> None:
+        row["notes"] = "; ".join(dict.fromkeys(row["notes"]))
+        on_row(index, row)
+        bar.update()
+
+    def ended(job: Job, result: dict[str, Any] | Failure) -> None:
+        row = waiting.pop(job.key)
+        _merge(row, _unit_by_unit(job, result) if isinstance(result, Failure) else result)
+        shutil.rmtree(job.folder, ignore_errors=True)
+        finish(job.key, row)
+
+    def pump(most: int) -> None:
+        """Hand queued jobs to idle workers and take finished rows until at most ``most`` rows
+        are waiting."""
+        assert pool is not None
+        while True:
+            while queue and pool.idle():
+                pool.submit(queue.popleft())
+            for job, result in pool.collect(block=len(waiting) > most):
+                ended(job, result)
+            if len(waiting) <= most and not (queue and pool.idle()):
+                return
 
     try:
-        for i, source in enumerate(sources):
-            sample, rows[i] = load_sample(source, settings)
-            args = (extract_all(extractor, sample, settings), sample, metrics)
-            if pool is None:
-                rows[i].update(score(*args))
+        for index, source in todo:
+            try:
+                sample, base = load_sample(source, settings)
+                estimates = extract_all(extractor, sample, settings)
+            except (AudioError, EvalInputError, InferenceError) as err:
+                if strict:
+                    raise
+                on_skip(Skipped(source.id, _one_line(err)))
                 bar.update()
                 continue
-            pending[pool.submit(score, *args)] = i
-            if len(pending) >= MAX_IN_FLIGHT_PER_JOB * jobs:
-                collect(wait(pending, return_when=FIRST_COMPLETED).done)
-        while pending:
-            collect(wait(pending, return_when=FIRST_COMPLETED).done)
+            row = {**base, **nan_row(metrics), "notes": []}
+            if inline:
+                _merge(row, score(estimates, sample, metrics, inline))
+            if pool is None:
+                finish(index, row)
+                continue
+            folder = scratch / f"{index:08d}"
+            write_item(folder, sample, estimates)
+            del sample, estimates  # the worker maps the files; a long sample leaves memory now
+            minutes = max(1.0, base["seconds"] / SECONDS_PER_MINUTE)
+            waiting[index] = row
+            queue.append(Job(index, source.id, folder, metrics,
+                             settings.metric_timeout_s * minutes, pooled))
+            pump(max_waiting)
+        if pool is not None:
+            pump(0)
     finally:
         bar.close()
         if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return rows
+            pool.close()

@@ -18,10 +18,18 @@ estimate should be silent (simulated sets); or ``unknown``, a real recording who
 never recorded apart, scored only by the metrics that need no target (DNSMOS, speaker
 similarity to the reference, WER with a transcript). An all-zero target file is always TA.
 
-Files may have any sample rate and channel count: ``load_audio`` downmixes and resamples them to
-48 kHz. The target is cut or zero-padded to the mixture's length (at most
-``MAX_LENGTH_MISMATCH_SECONDS`` apart, else the file is rejected). A reference that cannot
-identify the target (``inference.check_reference``) is refused before any sample is extracted.
+Files may have any sample rate, sample format and channel count: ``load_audio`` downmixes and
+resamples them to 48 kHz. The target is cut or zero-padded to the mixture's length (they may be
+at most ``MAX_LENGTH_MISMATCH_SECONDS`` apart). Of a reference only the first
+``inference.MAX_REF_SECONDS`` are read.
+
+A bad sample costs that sample, not the run: the listing functions return, beside the sources,
+the ``Skipped`` samples, each with one line naming its file and the problem (a missing mixture
+or reference, a duplicate ID, an unreadable, empty or too short file, a target whose length is
+not its mixture's, a reference that cannot identify the target). Problems that need the samples
+themselves (NaN or Inf in a file, a target-present sample whose target is silent) surface when
+the sample is loaded, as ``AudioError`` or ``EvalInputError``, which the runner turns into a
+skip. ``strict`` raises the first problem instead (the behaviour before skipping existed).
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,11 +47,12 @@ from typing import Any
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 from config import Config
 from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
 from data.dataset import HiFiTSEDataset, dataset_kwargs
-from inference import read_reference
+from inference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, read_reference
 
 log = logging.getLogger("evaluate")
 
@@ -55,6 +65,13 @@ SILENT_PEAK = 1e-6
 # Mixture and target may differ by this much after resampling (rounding of other sample rates);
 # a larger difference means the files do not belong together.
 MAX_LENGTH_MISMATCH_SECONDS = 0.05
+# A mixture shorter than this cannot be scored: PESQ needs about 0.25 s of speech, STOI 30 frames
+# of 25.6 ms (0.4 s) after its silence removal.
+MIN_MIX_SECONDS = 0.5
+# A target-present sample whose target has no 100 ms reaching the reference's voice threshold
+# (-60 dBFS RMS) is silent: its SI-SDR is undefined (any estimate scores against noise floor).
+SILENT_TARGET_DBFS = MIN_REF_PEAK_DBFS
+LEVEL_BLOCK_FRAMES = 4096  # frames per block of the loudness scan (bounded memory)
 VAL_ID_FORMAT = "val{:05d}"
 MISSING_TARGET = ("absent", "unknown")
 TP, TA, UNKNOWN = "TP", "TA", "unknown"  # the conditions a sample can have
@@ -63,6 +80,48 @@ TP, TA, UNKNOWN = "TP", "TA", "unknown"  # the conditions a sample can have
 class EvalInputError(ValueError):
     """Evaluation input that cannot be used (a folder without triplets, a malformed CSV...);
     the message names the file."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A sample that was not scored, and why: one line that names the file."""
+
+    id: str
+    problem: str
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def loudest_frame_db(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
+    """The level (dBFS RMS) of the loudest ``REF_FRAME_SECONDS`` frame, scanned in blocks;
+    -inf for digital silence. Shape: wave (N,)."""
+    frame = round(REF_FRAME_SECONDS * sample_rate)
+    step = frame * LEVEL_BLOCK_FRAMES
+    loudest = 0.0
+    for start in range(0, len(wave) // frame * frame, step):
+        block = np.asarray(wave[start : min(start + step, len(wave) // frame * frame)])
+        power = np.square(block.reshape(-1, frame), dtype=np.float64).mean(axis=1)  # (frames,)
+        loudest = max(loudest, float(power.max()))
+    return 10 * math.log10(loudest) if loudest > 0 else -math.inf
+
+
+def _peak(wave: np.ndarray) -> float:
+    """The largest magnitude of ``wave``, in blocks. Shape: wave (N,)."""
+    step = round(REF_FRAME_SECONDS * SAMPLE_RATE) * LEVEL_BLOCK_FRAMES
+    return max((float(np.abs(wave[i : i + step]).max()) for i in range(0, len(wave), step)),
+               default=0.0)
+
+
+def check_target(wave: np.ndarray, name: str | Path) -> None:
+    """Refuse a target-present sample whose target is silent (SI-SDR undefined)."""
+    level = loudest_frame_db(wave)
+    if level < SILENT_TARGET_DBFS:
+        raise EvalInputError(
+            f"{name}: the target is silent (its loudest {REF_FRAME_SECONDS:g} s at "
+            f"{level:.1f} dBFS, below {SILENT_TARGET_DBFS:g}): SI-SDR is undefined, not scored"
+        )
 
 
 @dataclass
@@ -117,6 +176,8 @@ class SampleSource:
 def _validation_item(dataset: HiFiTSEDataset, index: int) -> Sample:
     item = dataset[index]
     is_ta = bool(item["is_ta"])
+    if not is_ta:
+        check_target(item["target"].numpy(), f"{VAL_ID_FORMAT.format(index)} (validation item)")
     heard = np.concatenate([item["comp_target"].numpy()[None], item["comp_interferers"].numpy()])
     return Sample(
         id=VAL_ID_FORMAT.format(index),
@@ -160,36 +221,52 @@ class SampleFiles:
     transcript: str | None = None
 
 
-def _check_audio_file(path: Path) -> None:
-    """Fail early, before any model time is spent, on a missing or undecodable file."""
+def _audio_seconds(path: Path) -> float:
+    """The duration of an audio file from its header: fail early, before any model time is
+    spent, on a missing, undecodable or empty file."""
     if not path.is_file():
         raise AudioError(f"{path}: no such file")
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise AudioError(f"{path}: unreadable audio ({err})") from None
+        raise AudioError(f"{path}: unreadable audio ({_one_line(err)})") from None
     if info.frames == 0:
         raise AudioError(f"{path}: empty audio")
+    return info.frames / info.samplerate
+
+
+def _check_length(path: Path, seconds: float, mix_path: Path, mix_seconds: float) -> None:
+    """A target or interferer more than a few ms of resampling rounding longer or shorter than
+    its mixture does not belong to it."""
+    if abs(seconds - mix_seconds) > MAX_LENGTH_MISMATCH_SECONDS:
+        raise EvalInputError(f"{path}: {seconds:.3f} s long, but its mixture {mix_path.name} "
+                             f"is {mix_seconds:.3f} s")
 
 
 def _fit(path: Path, wave: np.ndarray, mix_path: Path, n: int) -> np.ndarray:
     """``wave`` cut or zero-padded to the mixture's ``n`` samples (a few ms of resampling
     rounding); a larger difference means the files do not belong together."""
-    if abs(len(wave) - n) > MAX_LENGTH_MISMATCH_SECONDS * SAMPLE_RATE:
-        raise EvalInputError(
-            f"{path}: {len(wave) / SAMPLE_RATE:.3f} s long, but its mixture "
-            f"{mix_path.name} is {n / SAMPLE_RATE:.3f} s"
-        )
+    _check_length(path, len(wave) / SAMPLE_RATE, mix_path, n / SAMPLE_RATE)
     return np.pad(wave[:n], (0, max(0, n - len(wave))))
+
+
+def _load_reference(path: Path) -> np.ndarray:
+    """The used part of a reference (its first ``MAX_REF_SECONDS``) at 48 kHz."""
+    wave, sr = read_reference(path)
+    return wave if sr == SAMPLE_RATE else soxr.resample(wave, sr, SAMPLE_RATE).astype(np.float32)
 
 
 def _load_files(files: SampleFiles, missing_target: str) -> Sample:
     mix = load_audio(files.mix)
-    ref = load_audio(files.ref)
+    ref = _load_reference(files.ref)
     target, condition = None, TA if missing_target == "absent" else UNKNOWN
     if files.target is not None:
         wave = _fit(files.target, load_audio(files.target), files.mix, len(mix))
-        target, condition = (wave, TP) if np.abs(wave).max() > SILENT_PEAK else (None, TA)
+        if _peak(wave) > SILENT_PEAK:
+            check_target(wave, files.target)
+            target, condition = wave, TP
+        else:
+            condition = TA
     heard = None
     if target is not None and files.interferers:
         heard = np.stack([target, *(_fit(p, load_audio(p), files.mix, len(mix))
@@ -199,9 +276,16 @@ def _load_files(files: SampleFiles, missing_target: str) -> Sample:
 
 
 def _file_source(files: SampleFiles, missing_target: str) -> SampleSource:
-    for path in (files.mix, files.ref, files.target, *files.interferers):
+    """The source of a sample's files after the checks that need no samples (headers, lengths,
+    the reference's voice); raises ``AudioError``/``EvalInputError`` naming the file."""
+    mix_seconds = _audio_seconds(files.mix)
+    if mix_seconds < MIN_MIX_SECONDS:
+        raise EvalInputError(f"{files.mix}: {mix_seconds:.3f} s long, shorter than the "
+                             f"{MIN_MIX_SECONDS:g} s a mixture needs to be scored")
+    _audio_seconds(files.ref)
+    for path in (files.target, *files.interferers):
         if path is not None:
-            _check_audio_file(path)
+            _check_length(path, _audio_seconds(path), files.mix, mix_seconds)
     try:
         read_reference(files.ref)  # refused now rather than after the samples before it ran
     except AudioError as err:  # too short or voiceless: bad evaluation input
@@ -217,9 +301,31 @@ def _read_transcript(path: Path) -> str:
         raise EvalInputError(f"{path}: cannot read the transcript ({err})") from None
 
 
-def triplet_samples(folder: Path, *, missing_target: str = "absent") -> list[SampleSource]:
+class _Listing:
+    """Sources and skipped samples of a listing; ``strict`` raises the first problem instead."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.sources: list[SampleSource] = []
+        self.skipped: list[Skipped] = []
+
+    def skip(self, sample_id: str, err: Exception) -> None:
+        if self.strict:
+            raise err
+        self.skipped.append(Skipped(sample_id, _one_line(err)))
+
+    def add(self, files: SampleFiles, missing_target: str) -> None:
+        try:
+            self.sources.append(_file_source(files, missing_target))
+        except (AudioError, EvalInputError) as err:
+            self.skip(files.id, err)
+
+
+def triplet_samples(folder: Path, *, missing_target: str = "absent",
+                    strict: bool = False) -> tuple[list[SampleSource], list[Skipped]]:
     """Every ``ID-mixed.wav`` of ``folder`` (flat) or of ``folder/mix`` (three folders) with
-    its reference, optional target, interferers and transcript, sorted by ID."""
+    its reference, optional target, interferers and transcript, sorted by ID; and the samples
+    skipped (a reference or target without its mixture counts as one, named by its ID)."""
     if not folder.is_dir():
         raise EvalInputError(f"{folder}: no such folder")
     three = all((folder / name).is_dir() for name in THREE_FOLDERS)
@@ -235,43 +341,53 @@ def triplet_samples(folder: Path, *, missing_target: str = "absent") -> list[Sam
     for path in target_dir.glob("*-interferer*.wav"):
         if match := INTERFERER.match(path.name):
             interferers.setdefault(match["id"], []).append((int(match["k"]), path))
-    sources = []
-    for mix_path in mixes:
-        sample_id = mix_path.name[: -len(MIX_SUFFIX)]
+    listing = _Listing(strict)
+    ids = [m.name[: -len(MIX_SUFFIX)] for m in mixes]
+    for sample_id, mix_path in zip(ids, mixes, strict=True):
         ref_path = ref_dir / f"{sample_id}{REF_SUFFIX}"
         if not ref_path.is_file():
-            raise AudioError(f"{ref_path}: no such file (the reference of {mix_path.name})")
+            listing.skip(sample_id, AudioError(
+                f"{ref_path}: no such file (the reference of {mix_path.name})"))
+            continue
         target_path = target_dir / f"{sample_id}{TARGET_SUFFIX}"
         text = next((p for p in (mix_dir / f"{sample_id}.txt", folder / f"{sample_id}.txt")
                      if p.is_file()), None)
-        files = SampleFiles(
+        try:
+            transcript = None if text is None else _read_transcript(text)
+        except EvalInputError as err:
+            listing.skip(sample_id, err)
+            continue
+        listing.add(SampleFiles(
             id=sample_id, mix=mix_path, ref=ref_path,
             target=target_path if target_path.exists() else None,
             interferers=[p for _, p in sorted(interferers.get(sample_id, []))],
-            transcript=None if text is None else _read_transcript(text),
-        )
-        sources.append(_file_source(files, missing_target))
-    ids = {s.id for s in sources}
-    orphans = [
-        p.name for d, suffix in ((ref_dir, REF_SUFFIX), (target_dir, TARGET_SUFFIX))
-        for p in d.glob(f"*{suffix}") if p.name[: -len(suffix)] not in ids
-    ]
-    if orphans:
-        log.warning("%s: %d files without an ID%s, ignored: %s", folder, len(orphans),
-                    MIX_SUFFIX, ", ".join(sorted(orphans)[:5]))
-    return sources
+            transcript=transcript,
+        ), missing_target)
+    known = set(ids)
+    orphans = {
+        p.name[: -len(suffix)]: p
+        for d, suffix in ((target_dir, TARGET_SUFFIX), (ref_dir, REF_SUFFIX))
+        for p in sorted(d.glob(f"*{suffix}")) if p.name[: -len(suffix)] not in known
+    }
+    for sample_id, path in sorted(orphans.items()):
+        listing.skip(sample_id, AudioError(
+            f"{path}: no mixture {sample_id}{MIX_SUFFIX} in {mix_dir}"))
+    return listing.sources, listing.skipped
 
 
-def csv_samples(path: Path, *, missing_target: str = "absent") -> list[SampleSource]:
-    """The (mix, ref, target[, id, transcript]) rows of a CSV file (module docstring)."""
+def csv_samples(path: Path, *, missing_target: str = "absent",
+                strict: bool = False) -> tuple[list[SampleSource], list[Skipped]]:
+    """The (mix, ref, target[, id, transcript]) rows of a CSV file (module docstring), and the
+    rows skipped; a row whose ID an earlier row has is skipped (IDs name the rows of the
+    results, and a resumed run skips the IDs it has)."""
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as err:
         raise EvalInputError(f"{path}: cannot read the CSV ({err})") from None
     reader = csv.reader(io.StringIO(text))
     columns: dict[str, int] | None = None
-    sources: list[SampleSource] = []
-    seen: set[str] = set()
+    listing = _Listing(strict)
+    first_line: dict[str, int] = {}
     for row in reader:
         cells = [c.strip() for c in row]
         if not any(cells):
@@ -288,19 +404,23 @@ def csv_samples(path: Path, *, missing_target: str = "absent") -> list[SampleSou
             columns = {name: i for i, name in enumerate(CSV_COLUMNS)}
         get = {k: cells[i] if i < len(cells) else "" for k, i in columns.items()}
         if not get["mix"] or not get["ref"]:
-            raise EvalInputError(f"{where}: expected mix and ref paths, got {row}")
+            listing.skip(f"line {reader.line_num}",
+                         EvalInputError(f"{where}: expected mix and ref paths, got {row}"))
+            continue
         mix, ref = (_csv_path(path, get[k]) for k in ("mix", "ref"))
         target = _csv_path(path, get["target"]) if get.get("target") else None
         sample_id = get.get("id") or mix.name.removesuffix(MIX_SUFFIX).removesuffix(mix.suffix)
-        if sample_id in seen:
-            sample_id = f"{sample_id}#{reader.line_num}"
-        seen.add(sample_id)
-        files = SampleFiles(id=sample_id, mix=mix, ref=ref, target=target,
-                            transcript=get.get("transcript") or None)
-        sources.append(_file_source(files, missing_target))
-    if not sources:
+        if sample_id in first_line:
+            listing.skip(sample_id, EvalInputError(
+                f"{where}: duplicate ID '{sample_id}' (first on line {first_line[sample_id]}; "
+                "give the rows an id column)"))
+            continue
+        first_line[sample_id] = reader.line_num
+        listing.add(SampleFiles(id=sample_id, mix=mix, ref=ref, target=target,
+                                transcript=get.get("transcript") or None), missing_target)
+    if not listing.sources and not listing.skipped:
         raise EvalInputError(f"{path}: no samples in the CSV")
-    return sources
+    return listing.sources, listing.skipped
 
 
 def _csv_path(csv_file: Path, cell: str) -> Path:

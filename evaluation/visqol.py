@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import soxr
 
+from evaluation.signal import segment_bounds
+
 if TYPE_CHECKING:
     from visqol import VisqolApi
 
@@ -55,12 +57,24 @@ def visqol_audio(estimate: np.ndarray, target: np.ndarray, sr: int) -> float:
 
     Returns:
         MOS-LQO, from about 1 (unrelated) to 4.7321 (identical).
+
+    Long signals: scored on the ``segment_bounds`` segments (consecutive, equal, at most
+    ``LONG_SEGMENT_SECONDS``), each converted to float64 and resampled alone, the mean of their
+    MOS-LQO weighted by segment length; up to 60 s one segment, the whole-file score. Memory is
+    that of one segment's ViSQOL, whatever the length.
     """
-    signals = [np.asarray(s, dtype=np.float64) for s in (estimate, target)]
-    if any(s.ndim != 1 or s.size == 0 for s in signals):
-        raise ValueError(f"expected two non-empty mono signals, got {[s.shape for s in signals]}")
-    if sr != VISQOL_SR:
-        signals = [soxr.resample(s, sr, VISQOL_SR) for s in signals]
-    degraded, reference = signals
-    result = _get_api().measure_from_arrays(reference, degraded, sample_rate=VISQOL_SR)
-    return float(result.moslqo)
+    shapes = [np.shape(s) for s in (estimate, target)]
+    if any(len(s) != 1 or s[0] == 0 for s in shapes):
+        raise ValueError(f"expected two non-empty mono signals, got {shapes}")
+    scores, weights = [], []
+    for start, stop in segment_bounds(len(target), sr):
+        signals = [np.asarray(s[start:stop], dtype=np.float64) for s in (estimate, target)]
+        if sr != VISQOL_SR:
+            signals = [soxr.resample(s, sr, VISQOL_SR) for s in signals]
+        degraded, reference = signals
+        result = _get_api().measure_from_arrays(reference, degraded, sample_rate=VISQOL_SR)
+        scores.append(float(result.moslqo))
+        weights.append(stop - start)
+    total = sum(weights)
+    # Weights normalised first, so a single segment's score comes back bit for bit.
+    return float(sum(s * (w / total) for s, w in zip(scores, weights, strict=True)))

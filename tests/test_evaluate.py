@@ -23,7 +23,8 @@ from torchmetrics.functional.audio import scale_invariant_signal_distortion_rati
 import evaluate
 from config import load_config, model_kwargs, to_dict
 from evaluation import report
-from evaluation.metrics import COLUMNS, MetricSettings, score
+from evaluation.metrics import COLUMNS, MetricSettings
+from evaluation.scoring import row_of
 from evaluation.sources import TA, TP, Sample, csv_samples
 from models.registry import build_model, checkpoint_payload
 from tests.packed_data import packed_subset
@@ -108,7 +109,7 @@ def core_metrics(estimate: np.ndarray, target: np.ndarray | None,
                  mix: np.ndarray) -> dict[str, object]:
     """The core columns of one estimate (a TA sample when ``target`` is None)."""
     sample = Sample("x", mix, mix, target, TP if target is not None else TA)
-    return score({"": estimate}, sample, CORE)
+    return row_of({"": estimate}, sample, CORE)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ from inference import Extractor
 torch.set_num_threads(1)
 args = evaluate.build_parser().parse_args(sys.argv[1:])
 extractor = Extractor(evaluate.load_checkpoint(args).model, device="cpu")
-(source,) = triplet_samples(args.triplets)
+(source,), _ = triplet_samples(args.triplets)
 estimate = extract_all(extractor, source.load(), RunSettings())[""]
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 print(json.dumps({"samples": len(estimate), "peak": peak}))
@@ -311,7 +312,7 @@ def test_csv_without_header_and_relative_paths(tmp_path: Path, triplets: Path) -
         (tmp_path / name).symlink_to(triplets / name)
     (tmp_path / "list.csv").write_text(
         "a-mixed.wav,a-ref.wav,a-target.wav\nc-mixed.wav,c-ref.wav\n")
-    sources = csv_samples(tmp_path / "list.csv")
+    sources, _ = csv_samples(tmp_path / "list.csv")
     assert [s.id for s in sources] == ["a", "c"]
     samples = [s.load() for s in sources]
     assert samples[0].target is not None
@@ -431,17 +432,30 @@ def _bad_inputs(tmp: Path, ckpt: Path, triplets: Path) -> dict[str, tuple[list, 
     }
 
 
+# Bad input that stops the run whatever the flags; every other case is one bad sample.
+RUN_STOPPING = ("missing checkpoint", "not a checkpoint", "foreign checkpoint", "no triplets")
+
+
 def test_bad_inputs_exit_with_one_line(
     ckpt: Path, triplets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """--strict: one line and exit 1 at the first bad sample; without it the sample is skipped
+    with one line, and a run that scores nothing says so on a second line and exits 1."""
     for case, (argv, needle) in _bad_inputs(tmp_path, ckpt, triplets).items():
-        with pytest.raises(SystemExit) as exc:
-            run(*argv, "--out-dir", tmp_path / "out")
-        assert exc.value.code != 0, case
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1, (case, err)
-        assert err[0].startswith("evaluate.py: error: "), (case, err)
-        assert needle in err[0], (case, err)
+        for strict in (True, False):
+            with pytest.raises(SystemExit) as exc:
+                run(*argv, "--out-dir", tmp_path / "out", *(["--strict"] if strict else []))
+            assert exc.value.code != 0, case
+            err = capsys.readouterr().err.strip().splitlines()
+            if strict or case in RUN_STOPPING:
+                assert len(err) == 1, (case, err)
+                assert err[0].startswith("evaluate.py: error: "), (case, err)
+            else:
+                assert len(err) == 2, (case, err)
+                assert err[0].startswith("evaluate.py: skipped "), (case, err)
+                assert err[1] == ("evaluate.py: error: no sample could be scored (1 skipped, "
+                                  "see above)"), (case, err)
+            assert needle in err[0], (case, err)
     assert not (tmp_path / "out").exists()
 
 

@@ -25,11 +25,11 @@ from evaluation.metrics import (
     STREAM_PREFIX,
     MetricSettings,
     lsd_highband,
-    score,
     si_sdr_db,
     speaker_confusion,
 )
 from evaluation.runner import RunSettings, load_sample, mixture_loudness
+from evaluation.scoring import row_of
 from evaluation.sources import (
     TA,
     TP,
@@ -110,16 +110,16 @@ def test_score_rows_per_condition(shared_data: Path) -> None:
     mix = target + other
     settings = MetricSettings(groups=("core",), stream=True)
     tp = Sample("tp", mix, target, target, TP, heard=np.stack([target, other]))
-    row = score({"": target, STREAM_PREFIX: other}, tp, settings)
+    row = row_of({"": target, STREAM_PREFIX: other}, tp, settings)
     assert set(row) == {*settings.columns(), "notes"}
     assert (row["confusion"], row["stream_confusion"]) == (0.0, 1.0)
     assert row["si_sdri"] > 20 > row["stream_si_sdri"]
     assert row["lsd_hb"] == pytest.approx(0.0, abs=1e-9)
     assert math.isfinite(row["lsd_hb_mix"])
     unknown = Sample("real", mix, target, None, UNKNOWN)
-    row = score({"": target}, unknown, MetricSettings(groups=("core",)))
+    row = row_of({"": target}, unknown, MetricSettings(groups=("core",)))
     assert all(math.isnan(v) for k, v in row.items() if k != "notes"), row
-    ta = score({"": 0.1 * mix}, Sample("ta", mix, target, None, TA),
+    ta = row_of({"": 0.1 * mix}, Sample("ta", mix, target, None, TA),
                MetricSettings(groups=("core",)))
     assert ta["ta_suppression_db"] == pytest.approx(20.0, abs=1e-4)
 
@@ -207,7 +207,7 @@ def homework(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_three_folder_layout_interferers_and_transcripts(homework: Path, tmp_path: Path) -> None:
-    sources = triplet_samples(homework, missing_target="unknown")
+    sources, _ = triplet_samples(homework, missing_target="unknown")
     assert [s.id for s in sources] == ["a", "b", "c"]
     assert [s.transcribed for s in sources] == [True, False, False]
     a, b, c = (s.load() for s in sources)
@@ -215,7 +215,7 @@ def test_three_folder_layout_interferers_and_transcripts(homework: Path, tmp_pat
     assert b.heard is None
     assert a.transcript == "KIDS ARE TALKING BY THE DOOR."
     assert (a.condition, b.condition, c.condition) == (TP, TP, UNKNOWN)
-    assert triplet_samples(homework)[2].load().condition == TA  # the default: absent
+    assert triplet_samples(homework)[0][2].load().condition == TA  # the default: absent
 
     text = tmp_path / "text"
     text.write_text("b dogs are sitting by the door\nc kids are talking\n")
