@@ -26,7 +26,7 @@ DEMO_MINUTES ?=
 ARCH ?= hifi_tse
 DEMO_CORPUS_ARGS ?=  # e.g. --n-train 8: a smaller synthetic corpus (tests/test_demo.py)
 DEMO_EVAL_ARGS ?=  # e.g. --n-samples 20
-DEMO_COND_ARGS ?=  # e.g. --n-samples 20 (bench/bench_conditioning.py)
+DEMO_SEL_ARGS ?=  # e.g. --n-pairs 10 --n-samples 20 (bench/bench_selection.py)
 # Results of a non-default budget go to their own doc/benchmarks.md sections.
 ARCH_SUFFIX := $(if $(filter hifi_tse,$(ARCH)),,_$(ARCH))
 BUDGET_SUFFIX := $(if $(DEMO_STEPS),_$(DEMO_STEPS)steps)$(if $(DEMO_MINUTES),_$(DEMO_MINUTES)min)
@@ -77,11 +77,12 @@ endif
 	rm -rf $(RUN)  # a fresh run each time (the corpus and packing are kept)
 	PYTHONUNBUFFERED=1 $(PY) train.py --config $(DEMO_CFG) $(ARCH_CFG) $(BUDGET_SETS) \
 		--set train.run_dir=$(RUN)
+	rm -rf $(EVAL)  # evaluate.py resumes a folder of the same settings: start it afresh
 	$(PY) evaluate.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
 		--out-dir $(EVAL) $(DEMO_EVAL_ARGS)
-	$(PY) bench/bench_conditioning.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
-		--name $(DEMO_TAG) $(DEMO_COND_ARGS) > $(EVAL)/conditioning.txt
-	cat $(EVAL)/conditioning.txt
+	$(PY) bench/bench_selection.py --ckpt $(RUN)/best.pt --config $(DEMO_TEST_CFG) \
+		--name $(DEMO_TAG) $(DEMO_SEL_ARGS) > $(EVAL)/selection.txt
+	cat $(EVAL)/selection.txt
 	$(PY) inference.py --ckpt $(RUN)/best.pt --mix $(EVAL)/examples/median_mix.wav \
 		--ref $(EVAL)/examples/median_ref.wav -o $(DEMO_DIR)/extracted$(ARCH_SUFFIX).wav
 	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --arch $(ARCH) $(BUDGET_ARGS)

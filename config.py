@@ -83,6 +83,12 @@ class DataConfig:
     rir_cache_size: int = 512  # RIRs kept in memory per worker
     speed_perturb: list[float] = field(default_factory=lambda: [0.9, 1.1])
     peak_limit: float = 0.95
+    # Difficulty one step at a time (bench/bench_ladder.py); the defaults change nothing.
+    reverb_prob: float = 1.0  # share of samples whose sources are convolved with an RIR
+    noise_prob: float = 1.0  # share of samples with noise in the mixture
+    # [target, interferer]: two training speakers, always these two (one interferer, the
+    # validation items too): speaker-dependent separation, in which the reference is irrelevant.
+    speaker_pair: list[str] = field(default_factory=list)
     n_val_samples: int = 200
     seed: int = 1234
     num_workers: int = 4
@@ -153,6 +159,10 @@ class TrainConfig:
     early_stop_patience: int = 20  # validations without a better SI-SDRi; 0 never stops
     max_nonfinite: int = 20  # skipped updates in a row before the run stops
     n_val_audio: int = 3  # validation samples written to TensorBoard as audio + spectrogram
+    # Swap pairs of the validation speakers (evaluation/selection.py) run at every validation:
+    # select_acc and ref_sens in train.log and TensorBoard show whether and when the model
+    # starts to follow its reference. Dry pairs: a model that ignores the reference scores 0.5.
+    n_val_pairs: int = 8
     max_minutes: float = 0.0  # wall-clock budget; 0 = none (the demo trains for a fixed time)
     progress_bar: bool = False  # a tqdm bar on rank 0 (the log lines are still written)
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: auto or cuda:LOCAL_RANK)
@@ -198,6 +208,9 @@ class EvalConfig:
     use_ema: bool = True
     # Edges of the SNR bands of the breakdown (dB); the last band is closed: [10, 15].
     snr_band_edges_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0, 10.0, 15.0])
+    # Breakdown by the target's level over its loudest interferer (samples whose interferers
+    # are known): where one interfering voice dominates, only selection helps.
+    sir_band_edges_db: list[float] = field(default_factory=lambda: [-5.0, 0.0, 5.0])
     sdr: bool = False  # BSS-Eval SDR (mir_eval): seconds per sample at 48 kHz, so off by default
     device: str = "auto"  # auto | cpu | cuda | cuda:N (the generator; metrics run on the CPU)
     # Metric groups (evaluation/metrics.py): core (SI-SDR, PESQ, STOI, LSD, confusion, TA),

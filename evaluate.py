@@ -55,6 +55,7 @@ from config import (
 from data.audio_utils import SAMPLE_RATE, AudioError
 from data.manifest import ManifestError
 from evaluation import report
+from evaluation.isolation import WorkerError
 from evaluation.metrics import PESQ_MODES, MetricSettings
 from evaluation.runner import METRIC_TIMEOUT_S, RunSettings, extract_all, load_sample, run_samples
 from evaluation.scoring import LONG_INPUT_RULES, units_of
@@ -65,6 +66,7 @@ from evaluation.sources import (
     SampleSource,
     Skipped,
     csv_samples,
+    one_line,
     read_transcripts,
     triplet_samples,
     validation_samples,
@@ -77,6 +79,7 @@ from models.registry import ARCH_KEY, model_from_payload, normalised_args
 log = logging.getLogger("evaluate")
 LUFS_DEFAULT = -20.0  # --lufs without a value: the SpEx+ homework protocol's level
 SCRATCH_DIR = ".scratch"  # under --out-dir: the signals of the samples being scored
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
 
 
 class NothingScored(EvalInputError):
@@ -190,18 +193,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _sources(args: argparse.Namespace,
              cfg: Config) -> tuple[list[SampleSource], list[Skipped], str, str]:
-    """The samples, those skipped while listing them, a description, and a digest of the list
-    (every candidate ID and, for the validation set, the data config that makes the items)."""
+    """The samples, those skipped while listing them, a description, and a digest of the list:
+    every candidate ID and the folder (resolved), the CSV's content or, for the validation set,
+    the data config that makes the items."""
     skipped: list[Skipped] = []
     listed = ""
     if args.triplets is not None:
         sources, skipped = triplet_samples(args.triplets, missing_target=args.missing_target,
                                            strict=args.strict)
         desc = f"triplets in `{args.triplets}`"
+        listed = str(args.triplets.resolve())
     elif args.csv is not None:
         sources, skipped = csv_samples(args.csv, missing_target=args.missing_target,
                                        strict=args.strict)
         desc = f"CSV `{args.csv}`"
+        listed = _sha256(args.csv)
     else:
         n = args.n_samples if args.n_samples is not None else cfg.eval.n_samples
         if n < 1:
@@ -210,10 +216,20 @@ def _sources(args: argparse.Namespace,
         desc = f"validation set (first {n} of the fixed list, `{cfg.data.manifest_dir}`)"
         listed = json.dumps(to_dict(cfg)["data"], sort_keys=True)
     if args.transcripts is not None:
-        sources = with_transcripts(sources, read_transcripts(args.transcripts), args.transcripts)
+        sources = with_transcripts(sources, read_transcripts(args.transcripts), args.transcripts,
+                                   {k.id for k in skipped})
     ids = sorted([*(s.id for s in sources), *(k.id for k in skipped)])
     digest = hashlib.sha256("\n".join([listed, *ids]).encode()).hexdigest()
     return sources, skipped, desc, digest
+
+
+def _sha256(path: Path) -> str:
+    """The file's digest: a checkpoint retrained in place keeps its path and maybe its step."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fingerprint(args: argparse.Namespace, loaded: Checkpoint, groups: tuple[str, ...],
@@ -221,13 +237,14 @@ def _fingerprint(args: argparse.Namespace, loaded: Checkpoint, groups: tuple[str
     """The settings every row of ``--out-dir`` must share: a resumed run with other ones would
     mix incomparable rows."""
     return {
-        "checkpoint": str(args.ckpt.resolve()), "step": loaded.step,
+        "checkpoint": str(args.ckpt.resolve()), "checkpoint_sha256": _sha256(args.ckpt),
+        "step": loaded.step,
         "weights": "EMA" if loaded.use_ema else "generator", "metrics": list(groups),
         "sdr": metrics.sdr, "pesq_sr": metrics.pesq_sr, "si_sdr": args.si_sdr,
         "lufs": args.lufs, "chunk": args.chunk,
         "overlap": args.overlap if args.chunk is not None else None, "pcs": args.pcs,
-        "missing_target": args.missing_target, "sources": desc, "source_list_sha256": digest,
-        "transcripts": None if args.transcripts is None else str(args.transcripts.resolve()),
+        "missing_target": args.missing_target, "source_list_sha256": digest,
+        "transcripts_sha256": None if args.transcripts is None else _sha256(args.transcripts),
     }
 
 
@@ -303,7 +320,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         raise NothingScored(f"no sample could be scored ({len(skipped)} skipped, see above)")
     report.write_csv(out_dir / report.CSV_NAME, rows, fields)
     edges = list(cfg.eval.snr_band_edges_db)
-    summary = report.summarize(rows, columns, edges)
+    sir_edges = list(cfg.eval.sir_band_edges_db)
+    summary = report.summarize(rows, columns, edges, sir_edges)
     report.plot_histogram(out_dir / report.HIST_NAME,
                           [r["si_sdri"] for r in rows if r["condition"] == TP and "si_sdri" in r])
 
@@ -344,6 +362,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "metric_timeout": f"{args.metric_timeout:g} s per started minute of a sample",
             "long_inputs": {u: LONG_INPUT_RULES[u] for u in units_of(metrics)},
             "snr_band_edges_db": edges,
+            "sir_band_edges_db": sir_edges,
         },
         "examples": examples,
     }
@@ -365,7 +384,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 def _one_line(err: BaseException) -> str:
     if isinstance(err, OSError) and err.filename is not None:
         return f"{err.filename}: {err.strerror or err}"
-    return " ".join(str(err).split())
+    return one_line(err)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -375,9 +394,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         return evaluate(args)
     except (CheckpointError, AudioError, ConfigError, ManifestError, EvalInputError, InferenceError,
-            OSError) as err:
+            WorkerError, OSError) as err:
         sys.stderr.write(f"evaluate.py: error: {_one_line(err)}\n")
         raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"evaluate.py: interrupted; the finished rows are in "
+                         f"{args.out_dir / report.CSV_NAME}: rerun the same command to go on\n")
+        raise SystemExit(INTERRUPTED_EXIT) from None
 
 
 if __name__ == "__main__":

@@ -41,6 +41,8 @@ from tqdm import tqdm
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.audio_utils import STFT
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
+from data.manifest import ManifestError
+from evaluation.selection import swap_scores
 from losses.adversarial import (
     discriminator_loss,
     feature_matching_loss,
@@ -634,9 +636,11 @@ def validate(
     *,
     autocast: contextlib.AbstractContextManager[object],
     ddp: bool,
+    pairs: list[dict[str, Any]],
 ) -> tuple[dict[str, float], list[tuple[torch.Tensor, ...]]]:
     """SI-SDR(i) of TP items, suppression of TA items and the loss, over every rank's share of
-    the fixed validation list (EMA weights where there are some); and the first
+    the fixed validation list (EMA weights where there are some); the swap test on this rank's
+    share of the swap ``pairs`` (``select_acc``, ``ref_sens``: NaN without pairs); and the first
     ``train.n_val_audio`` examples (mix, ref, estimate, target) of this rank."""
     device = next(nets.generator.parameters()).device
     weights = loss_weights(cfg)
@@ -665,13 +669,29 @@ def validate(
                              torch.ones_like(loss)]).double()
         if len(examples) < cfg.train.n_val_audio:
             examples.append((batch["mix"][0], batch["ref"][0], est[0], batch["target"][0]))
-    if ddp:
+    # sums: correct runs, reference sensitivity, pairs
+    swap = torch.zeros(3, dtype=torch.float64, device=device)
+    per_call = max(1, cfg.train.batch_size // 2)  # pairs per forward: two runs each
+    for start in range(0, len(pairs), per_call):
+        chunk = pairs[start : start + per_call]
+        mix = torch.stack([torch.from_numpy(p["mix"]) for p in chunk]).to(device)  # (P, N)
+        refs = torch.stack([torch.from_numpy(p["refs"]) for p in chunk]).to(device)  # (P, 2, M)
+        sources = torch.stack([torch.from_numpy(p["sources"]) for p in chunk]).to(device)
+        with autocast, validation_context(model):
+            est = model(mix.repeat_interleave(2, 0), refs.flatten(0, 1))  # (2P, N)
+        scores = swap_scores(est.float().reshape(len(chunk), 2, -1), sources, mix)
+        swap += torch.stack([scores["correct"].sum(), scores["ref_sens_db"].sum(),
+                             torch.tensor(float(len(chunk)), device=device)])
+    sums = torch.cat([sums, swap])
+    if ddp:  # one collective on every rank, whatever its share holds
         dist.all_reduce(sums)
-    s_sdr, s_sdri, n_tp, s_supp, n_ta, s_loss, n_b = sums.tolist()
+    s_sdr, s_sdri, n_tp, s_supp, n_ta, s_loss, n_b, s_right, s_sens, n_pairs = sums.tolist()
     nets.generator.train()
     return {"si_sdr": s_sdr / max(n_tp, 1), "si_sdri": s_sdri / max(n_tp, 1),
             "ta_supp_db": s_supp / n_ta if n_ta else float("nan"),
-            "loss": s_loss / max(n_b, 1), "n_tp": n_tp, "n_ta": n_ta}, examples
+            "loss": s_loss / max(n_b, 1), "n_tp": n_tp, "n_ta": n_ta,
+            "select_acc": s_right / (2 * n_pairs) if n_pairs else float("nan"),
+            "ref_sens": s_sens / n_pairs if n_pairs else float("nan")}, examples
 
 
 def objective_terms(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config,
@@ -848,6 +868,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val"))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world), **loader_args)
+    try:  # built once: the same pairs at every validation
+        swap_pairs = [val_set.swap_pair(i, noisy=False)
+                      for i in range(rank, cfg.train.n_val_pairs, world)]
+    except ManifestError as err:  # the same on every rank: all skip the swap test
+        log.warning("no swap test in validation: %s", err)
+        swap_pairs = []
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step) if master else None
     weights = loss_weights(cfg)
 
@@ -934,14 +960,16 @@ def main(argv: list[str] | None = None) -> None:
         # ---- validation, best checkpoint, early stopping
         is_best = False
         if step % cfg.train.val_every == 0 or final:
-            val, examples = validate(nets, cfg, val_loader, autocast=autocast, ddp=ddp)
+            val, examples = validate(nets, cfg, val_loader, autocast=autocast, ddp=ddp,
+                                     pairs=swap_pairs)
             if writer is not None:
                 write_examples(writer, examples, nets, step, cfg.stft.sample_rate)
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, step)
             log.info("val step=%d si_sdr=%.3f si_sdri=%.3f ta_supp_db=%.2f loss=%.4f n_tp=%d "
-                     "n_ta=%d", step, val["si_sdr"], val["si_sdri"], val["ta_supp_db"],
-                     val["loss"], val["n_tp"], val["n_ta"])
+                     "n_ta=%d select_acc=%.3f ref_sens=%.2f", step, val["si_sdr"],
+                     val["si_sdri"], val["ta_supp_db"], val["loss"], val["n_tp"], val["n_ta"],
+                     val["select_acc"], val["ref_sens"])
             if val["si_sdri"] > state.best_si_sdri:
                 state.best_si_sdri, state.bad_validations, is_best = val["si_sdri"], 0, True
                 log.info("best step=%d si_sdri=%.3f", step, state.best_si_sdri)

@@ -25,7 +25,8 @@ STEP_TIME = re.compile(r"^\S+ \S+ INFO step=\d+ .*step_time=([\d.]+)")
 DEFAULT_ARCH = "hifi_tse"  # the Makefile's ARCH
 ROW_FILE = "family_row.json"  # in each evaluation folder: its row of the families table
 FAMILY_HEADER = ["family", "params", "s/step", "steps", "training wall-clock", "SI-SDRi dB",
-                 "TA suppression dB", "SI-SDRi wrong ref dB", "PESQ", "STOI"]
+                 "TA suppression dB", "SI-SDRi wrong ref dB", "selection dry %",
+                 "selection noisy %", "PESQ", "STOI"]
 
 
 def training_stats(log_text: str) -> tuple[int | None, float | None, float | None]:
@@ -78,8 +79,11 @@ def main() -> None:
     metrics = {k: v["mean"] for k, v in summary["metrics"].items()}
     step, step_time, wall = training_stats((run / "train.log").read_text())
     step = step if step is not None else summary.get("step")
-    swap_lines = (evaluation / "conditioning.txt").read_text().strip().splitlines()
+    swap_lines = (evaluation / "selection.txt").read_text().strip().splitlines()
     swap = json.loads(swap_lines[-1]) if swap_lines else {}
+
+    def selection(condition: str) -> float | None:
+        return swap.get(condition, {}).get("all", {}).get("select_acc")
 
     def fmt(key: str, spec: str) -> str:
         return cell(metrics.get(key), spec)
@@ -112,8 +116,9 @@ def main() -> None:
     row = {"arch": args.arch, "budget": budget, "params": summary["generator_params"],
            "step_time": step_time, "steps": step, "wall_s": wall,
            "si_sdri": metrics.get("si_sdri"), "ta_suppression_db": metrics.get("ta_suppression_db"),
-           "si_sdri_wrong_ref": swap.get("si_sdri_wrong_ref"), "pesq": metrics.get("pesq"),
-           "stoi": metrics.get("stoi")}
+           "si_sdri_wrong_ref": swap.get("own_vs_wrong_ref", {}).get("wrong"),
+           "select_acc_dry": selection("dry"), "select_acc_noisy": selection("noisy"),
+           "pesq": metrics.get("pesq"), "stoi": metrics.get("stoi")}
     (evaluation / ROW_FILE).write_text(json.dumps(row))
     family_rows = []
     for path in sorted(args.dir.glob(f"eval*/{ROW_FILE}")):
@@ -124,7 +129,10 @@ def main() -> None:
             other["arch"], other["params"], cell(other["step_time"], ".3f"), other["steps"],
             cell(None if other["wall_s"] is None else other["wall_s"] / 60, ".1f") + " min",
             cell(other["si_sdri"], "+.2f"), cell(other["ta_suppression_db"], ".1f"),
-            cell(other["si_sdri_wrong_ref"], "+.2f"), cell(other["pesq"], ".2f"),
+            cell(other["si_sdri_wrong_ref"], "+.2f"),
+            *(cell(None if other.get(k) is None else 100 * other[k], ".0f")
+              for k in ("select_acc_dry", "select_acc_noisy")),
+            cell(other["pesq"], ".2f"),
             cell(other["stoi"], ".3f"),
         ])
     families = markdown_table(FAMILY_HEADER, family_rows)
@@ -134,8 +142,9 @@ def main() -> None:
         f"{machine()}; the same corpus, schedule shape and unseen test speakers for every family, "
         f"{budget_words(args.steps, args.minutes)}; s/step is the mean `step_time` of train.log "
         "(validation excluded), training wall-clock from the first to the last line of "
-        "train.log; SI-SDRi wrong ref is `bench/bench_conditioning.py` with another test "
-        f"speaker's reference.\n\n{families}",
+        "train.log; SI-SDRi wrong ref and selection are `bench/bench_selection.py` (another "
+        "test speaker's reference on the validation list; swap pairs at 0 dB SIR, dry and "
+        f"noisy, 50 % = chance).\n\n{families}",
     )
     print(f"\ncheckpoint: {run / 'best.pt'}")
     print(f"report:     {evaluation / 'report.md'}")

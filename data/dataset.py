@@ -47,6 +47,16 @@ noisy_ref_prob[, sir_boost_db])`` tuples from the sampler; the optional last ite
 curriculum's boost, added to every SIR of a target-present sample. ``set_epoch`` works the
 same way.
 
+Difficulty (``bench/bench_ladder.py``): ``reverb_prob`` and ``noise_prob`` make that share of
+the samples reverberant and noisy (the others dry, noise-free); ``speaker_pair`` fixes the
+target and the one interferer to two named training speakers (speaker-dependent separation);
+fixed interferer counts are ``min_interferers == max_interferers``. The defaults change nothing.
+
+Swap pairs (``swap_pair``, the selection test of ``evaluation/selection.py``): two different
+speakers A and B mixed at 0 dB SIR (RMS over active speech), dry and noise-free or each
+reverberant with noise at ``SWAP_SNR_DB``, with a reference of each (another utterance). A model
+that uses its reference gives A's voice for A's reference and B's for B's.
+
 Robustness: an HDF5 entry that cannot be read, is incomplete or holds garbage is logged,
 counted (``dataset.n_corrupt`` in the reading process, and ``n_corrupt`` in every returned
 item so the training loop can sum it across workers) and the sample is drawn again.
@@ -82,7 +92,14 @@ RESAMPLE_PAD = 512  # input samples read beyond a speed-perturbed span: soxr's e
 RIR_PEAK_SEARCH_SECONDS = 0.5  # the direct path of a measured RIR arrives within this
 RIR_FADE_SECONDS = 0.01  # fade-out where a long RIR is cut, so the cut does not click
 DIRECT_PATH_HALF_MS = 2.5  # the direct path: the RIR peak +- this
-_TRAIN_STREAM, _VAL_STREAM = 0, 1  # first seed words: train and validation never share a draw
+# First seed words: training, validation and swap pairs never share a draw.
+_TRAIN_STREAM, _VAL_STREAM, _SWAP_STREAM = 0, 1, 2
+SWAP_SNR_DB = 5.0  # noise of the noisy swap condition, against the sum of the two voices
+SWAP_LEVEL_DBFS = -25.0  # active-speech RMS of each voice of a swap pair (0 dB SIR)
+# Active speech: 10 ms frames within 40 dB of the loudest frame (a crop's leading silence or a
+# pause must not lower a voice's level and so raise its gain).
+ACTIVE_FRAME_SECONDS = 0.01
+ACTIVE_RANGE_DB = 40.0
 _ID_SEP = "|"  # joins the ids of several utterances or RIRs into one collatable string
 
 
@@ -109,6 +126,20 @@ def _energy(x: np.ndarray) -> float:
 
 def _rms(x: np.ndarray) -> float:
     return math.sqrt(_energy(x) / max(len(x), 1))
+
+
+def active_rms(x: np.ndarray) -> float:
+    """RMS over the active 10 ms frames of ``x`` (within ``ACTIVE_RANGE_DB`` of the loudest);
+    0 for silence. Shape: x (N,)."""
+    frame = round(ACTIVE_FRAME_SECONDS * SAMPLE_RATE)
+    n = len(x) // frame * frame
+    if n == 0:
+        return _rms(x)
+    power = np.square(x[:n].reshape(-1, frame), dtype=np.float64).mean(axis=1)  # (frames,)
+    if power.max() <= 0:
+        return 0.0
+    active = power >= power.max() * 10 ** (-ACTIVE_RANGE_DB / 10)
+    return float(np.sqrt(power[active].mean()))
 
 
 def _uniform(rng: np.random.Generator, bounds: list[float] | tuple[float, float]) -> float:
@@ -159,6 +190,9 @@ class HiFiTSEDataset(Dataset):
         rir_cache_size: int = 512,
         speed_perturb: tuple[float, float] | list[float] = (0.9, 1.1),
         peak_limit: float = 0.95,
+        reverb_prob: float = 1.0,
+        noise_prob: float = 1.0,
+        speaker_pair: tuple[str, str] | list[str] = (),
         return_components: bool = False,
     ) -> None:
         super().__init__()
@@ -168,6 +202,12 @@ class HiFiTSEDataset(Dataset):
             raise ValueError(f"target_type must be one of {TARGET_TYPES}, got {target_type!r}")
         if seed < 0 or rank < 0:
             raise ValueError(f"seed and rank must be >= 0, got seed={seed}, rank={rank}")
+        for name, prob in (("reverb_prob", reverb_prob), ("noise_prob", noise_prob)):
+            if not 0.0 <= prob <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {prob}")
+        if len(speaker_pair) not in (0, 2):
+            raise ValueError(f"speaker_pair names a target and an interferer speaker, got "
+                             f"{list(speaker_pair)}")
         if not 1 <= min_interferers <= max_interferers:
             raise ValueError(
                 f"need 1 <= min_interferers <= max_interferers, got "
@@ -190,11 +230,15 @@ class HiFiTSEDataset(Dataset):
         self.rir_cache_size = int(rir_cache_size)
         self.speed_perturb = list(speed_perturb)
         self.peak_limit = float(peak_limit)
+        self.reverb_prob = float(reverb_prob)
+        self.noise_prob = float(noise_prob)
         self.return_components = return_components
         self.n_corrupt = 0  # corrupt entries met by this process (see also item["n_corrupt"])
 
         manifest_dir = Path(manifest_dir)
-        self.speech = load_packed(manifest_dir, "speech", split)
+        # A fixed pair is speaker-dependent separation: its validation items are other crops
+        # and mixtures (the validation RNG stream) of the same two training speakers.
+        self.speech = load_packed(manifest_dir, "speech", "train" if speaker_pair else split)
         self.noise = self._table_or_train(manifest_dir, "noise")
         self.rirs = self._table_or_train(manifest_dir, "rir")
         self._check_not_empty(manifest_dir)
@@ -218,6 +262,18 @@ class HiFiTSEDataset(Dataset):
             )
         self.max_interferers = min(max_interferers, n_speakers - 1)
         self.min_interferers = min(min_interferers, self.max_interferers)
+        self.speaker_pair: tuple[int, int] | None = None
+        if speaker_pair:
+            names = list(self.speech.speaker_names)
+            missing = [n for n in speaker_pair if n not in names]
+            if missing or speaker_pair[0] == speaker_pair[1]:
+                raise ManifestError(f"{manifest_dir}: speaker_pair {list(speaker_pair)} must be "
+                                    f"two different training speakers (unknown: {missing})")
+            target, interferer = (names.index(n) for n in speaker_pair)
+            if len(self._utts[target]) < 2:
+                raise ManifestError(f"{manifest_dir}: speaker_pair target {speaker_pair[0]} has "
+                                    "one utterance; the reference needs another")
+            self.speaker_pair = (target, interferer)
 
         files = self.speech.files + self.noise.files + self.rirs.files
         self._reader = H5Reader(files)  # opens nothing until a worker reads
@@ -316,6 +372,9 @@ class HiFiTSEDataset(Dataset):
         # Interferers: distinct speakers drawn from all but the target.
         others = rng.choice(len(self._utts) - 1, size=n_int, replace=False)
         interferers = [int(s) + int(s >= spk_t) for s in others]
+        if self.speaker_pair is not None:
+            spk_t, interferer = self.speaker_pair
+            n_int, interferers = 1, [interferer]
         utt_t, utt_ref = (int(u) for u in rng.choice(self._utts[spk_t], size=2, replace=False))
         utt_int = [int(rng.choice(self._utts[s])) for s in interferers]
         speed_t = _uniform(rng, self.speed_perturb)
@@ -327,6 +386,9 @@ class HiFiTSEDataset(Dataset):
         snr = _uniform(rng, self.snr_db)
         ref_level = _uniform(rng, self.ref_level_db)
         ref_snr = _uniform(rng, self.ref_snr_db)
+        # Drawn only below 1, so that the default configuration draws what it always drew.
+        reverberant = self.reverb_prob == 1.0 or bool(rng.random() < self.reverb_prob)
+        noisy = self.noise_prob == 1.0 or bool(rng.random() < self.noise_prob)
 
         # Speech in the mixture, each convolved with its own RIR. (S, N) after stacking.
         utts = ([] if is_ta else [utt_t]) + utt_int
@@ -334,6 +396,10 @@ class HiFiTSEDataset(Dataset):
         rir_ids = rirs[1:] if is_ta else rirs
         sources, target_sig = [], None
         for k, (u, f, r) in enumerate(zip(utts, speeds, rir_ids, strict=True)):
+            if not reverberant:  # dry: the speech as recorded, whatever the target type
+                sources.append(self._speech_window(u, f, rng, pre=0, n=n))
+                target_sig = sources[0] if k == 0 and not is_ta else target_sig
+                continue
             rir = self._rir(r)
             window = self._speech_window(u, f, rng, pre=rir.length - 1, n=n)  # (n + R - 1,)
             # Overlap-save: in a circular convolution of n_fft >= n + R - 1 points, the last
@@ -368,11 +434,14 @@ class HiFiTSEDataset(Dataset):
             else (gains[0] * target_sig).astype(np.float32)
         )
         speech = np.sum(sources, axis=0, dtype=np.float32)
-        noise = self._noise_crop(noise_idx, rng, n)
-        noise_energy = _energy(noise)
-        if noise_energy < MIN_ACTIVE_RMS**2 * n:
-            raise _Redraw
-        noise *= np.float32(math.sqrt(_energy(speech) / (noise_energy * 10 ** (snr / 10))))
+        if noisy:
+            noise = self._noise_crop(noise_idx, rng, n)
+            noise_energy = _energy(noise)
+            if noise_energy < MIN_ACTIVE_RMS**2 * n:
+                raise _Redraw
+            noise *= np.float32(math.sqrt(_energy(speech) / (noise_energy * 10 ** (snr / 10))))
+        else:
+            noise = np.zeros(n, dtype=np.float32)
         mix = speech + noise
 
         # One gain for every signal whose sum or part forms the mixture.
@@ -411,6 +480,64 @@ class HiFiTSEDataset(Dataset):
             sample["comp_interferers"] = torch.from_numpy(np.ascontiguousarray(comp_int))
             sample["comp_noise"] = torch.from_numpy(np.ascontiguousarray(noise))
         return sample
+
+    def swap_pair(self, index: int, *, noisy: bool) -> dict[str, Any]:
+        """Swap pair ``index`` (a pure function of the seed, the index and ``noisy``): speakers
+        A and B, one utterance of each in the mixture at 0 dB SIR (active-speech RMS, each at
+        ``SWAP_LEVEL_DBFS``) and another of each as its reference (clean, at its own drawn
+        level). ``noisy``: each voice through its own RIR, noise at ``SWAP_SNR_DB``. No speed
+        perturbation. Returns ``mix`` (N,), ``sources`` (2, N): A and B as heard in the
+        mixture, ``refs`` (2, M): the references of A and B, ``speakers``: their names.
+        """
+        if len(self._targets) < 2:
+            raise ManifestError(f"the {self.split} split needs two speakers with two utterances "
+                                "each for swap pairs")
+        n = self.segment_samples
+        for attempt in range(MAX_DRAWS):
+            rng = np.random.default_rng([self.seed, _SWAP_STREAM, int(noisy), index, attempt])
+            speakers = [int(s) for s in rng.choice(self._targets, size=2, replace=False)]
+            utts = [[int(u) for u in rng.choice(self._utts[s], size=2, replace=False)]
+                    for s in speakers]  # (mixture, reference) per speaker
+            rirs = [int(i) for i in rng.integers(0, len(self.rirs), size=2)]
+            noise_idx = int(rng.integers(0, len(self.noise)))
+            ref_levels = [_uniform(rng, self.ref_level_db) for _ in speakers]
+            try:
+                sources = []
+                for (utt, _), r in zip(utts, rirs, strict=True):
+                    if noisy:
+                        rir = self._rir(r)
+                        window = self._speech_window(utt, 1.0, rng, pre=rir.length - 1, n=n)
+                        spec = sfft.rfft(window, rir.n_fft)
+                        voice = sfft.irfft(spec * rir.spectrum, rir.n_fft)[rir.length - 1 :][:n]
+                    else:
+                        voice = self._speech_window(utt, 1.0, rng, pre=0, n=n)
+                    level = active_rms(voice)
+                    if level < MIN_ACTIVE_RMS:
+                        raise _Redraw
+                    sources.append((voice * (10 ** (SWAP_LEVEL_DBFS / 20) / level))
+                                   .astype(np.float32))
+                heard = np.stack(sources)  # (2, N)
+                mix = heard.sum(axis=0)
+                if noisy:
+                    noise = self._noise_crop(noise_idx, rng, n)
+                    noise_energy = _energy(noise)
+                    if noise_energy < MIN_ACTIVE_RMS**2 * n:
+                        raise _Redraw
+                    mix = mix + noise * np.float32(
+                        math.sqrt(_energy(mix) / (noise_energy * 10 ** (SWAP_SNR_DB / 10))))
+                refs = np.stack([
+                    self._reference(ref, 1.0, rng, level, False, noise_idx, 0.0)
+                    for (_, ref), level in zip(utts, ref_levels, strict=True)
+                ])  # (2, M)
+            except (_Redraw, CorruptEntryError):
+                continue
+            peak = max(float(np.abs(mix).max()), float(np.abs(heard).max()))
+            if peak > self.peak_limit:
+                mix, heard = mix * (self.peak_limit / peak), heard * (self.peak_limit / peak)
+            return {"mix": np.ascontiguousarray(mix, dtype=np.float32),
+                    "sources": np.ascontiguousarray(heard, dtype=np.float32), "refs": refs,
+                    "speakers": [self.speech.speaker_names[s] for s in speakers]}
+        raise RuntimeError(f"swap pair {index}: no usable pair in {MAX_DRAWS} draws")
 
     def _reference(
         self,
@@ -592,6 +719,9 @@ def dataset_kwargs(d: DataConfig, split: str, *, rank: int = 0) -> dict[str, Any
         "rir_cache_size": d.rir_cache_size,
         "speed_perturb": d.speed_perturb,
         "peak_limit": d.peak_limit,
+        "reverb_prob": d.reverb_prob,
+        "noise_prob": d.noise_prob,
+        "speaker_pair": d.speaker_pair,
     }
 
 

@@ -51,6 +51,7 @@ LSD_ACTIVE_DB = 60.0
 # Power floor before the log, relative to the target's loudest band bin: differences below it
 # (an estimate that is exactly zero in a bin) count as at most this many dB.
 LSD_FLOOR_DB = 120.0
+REF_SENS_FLOOR_DB = -100.0  # reference sensitivity of two identical outputs
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,11 @@ COLUMNS: dict[str, Column] = {
     "lsd_hb": Column("LSD 8-24 kHz (dB)", ".2f", (TP,), "core"),
     "si_sdr_interferer": Column("SI-SDR to interferer (dB)", ".2f", (TP,), "core"),
     "confusion": Column("speaker confusion", ".3f", (TP,), "core"),
+    # Run once more with another sample's reference (samples whose interferers are known):
+    # how far the two outputs differ, and the SI-SDRi of the wrong-reference output.
+    "ref_sens_db": Column("reference sensitivity (dB)", "+.1f", (TP,), "core", estimate=False),
+    "si_sdri_wrong_ref": Column("SI-SDRi wrong ref (dB)", "+.2f", (TP,), "core",
+                                estimate=False),
     "ta_suppression_db": Column("TA suppression (dB)", ".1f", (TA,), "core"),
     "spk_sim_ref": Column("similarity est-ref", ".3f", (TP, TA, UNKNOWN), "similarity"),
     "spk_sim_target": Column("similarity est-target", ".3f", (TP,), "similarity"),
@@ -406,6 +412,21 @@ def lsd_highband(estimate: np.ndarray, target: np.ndarray, sample_rate: int = SA
             diff = 10 * np.log10((ref + floor) / (est + floor))
             total += float(np.sqrt(np.mean(diff**2, axis=1)).sum())
     return total / int(active.sum())
+
+
+def reference_sensitivity(estimate: np.ndarray, other: np.ndarray) -> float:
+    """How far the outputs of one mixture with two references differ, in dB:
+    ``10 log10(2 |a - b|^2 / (|a|^2 + |b|^2))``, summed in float64 blocks; ``REF_SENS_FLOOR_DB``
+    for identical outputs (a model that ignores its reference), about +3 dB for two
+    uncorrelated, equally loud outputs (``evaluation/selection.py``, the swap test's measure)."""
+    diff = energy = 0.0
+    for start in range(0, len(estimate), BLOCK_SAMPLES):
+        a = np.asarray(estimate[start : start + BLOCK_SAMPLES], dtype=np.float64)
+        b = np.asarray(other[start : start + BLOCK_SAMPLES], dtype=np.float64)
+        diff += float(np.sum((a - b) ** 2))
+        energy += float(np.sum(a**2) + np.sum(b**2)) / 2
+    value = DB_PER_LOG10 * math.log10((diff + ENERGY_EPS) / (energy + ENERGY_EPS))
+    return max(value, REF_SENS_FLOOR_DB)
 
 
 def ta_suppression(estimate: np.ndarray, mixture: np.ndarray) -> float:

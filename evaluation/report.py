@@ -38,8 +38,9 @@ from evaluation.sources import TA, TP, UNKNOWN, EvalInputError, Sample, Skipped
 CSV_NAME, SUMMARY_NAME, REPORT_NAME = "per_sample.csv", "summary.json", "report.md"
 FINGERPRINT_NAME = "fingerprint.json"
 HIST_NAME, EXAMPLES_DIR = "si_sdri_hist.png", "examples"
+EXAMPLE_SECONDS = 30  # audio and spectrograms of the examples: at most the first 30 s
 EXAMPLE_LABELS = ("best", "median", "worst")
-ROW_FIELDS = ("id", "condition", "n_interferers", "snr_db", "ref_noisy", "seconds")
+ROW_FIELDS = ("id", "condition", "n_interferers", "snr_db", "ref_noisy", "sir_db", "seconds")
 PERCENTILES = (5, 25, 75, 95)
 BAD_SI_SDRI_DB = (0.0, -5.0)  # TP samples below these SI-SDRi: made worse, and badly
 WER_COLUMNS = ("wer", "wer_mix", "wer_target", STREAM_PREFIX + "wer")
@@ -54,15 +55,21 @@ CONDITIONS = (TP, TA, UNKNOWN)
 # Row fields that are not metrics, and their types in the CSV (empty cell: None); every other
 # field but id, condition and notes is a float (empty cell: NaN).
 META_TYPES: dict[str, type] = {"n_interferers": int, "snr_db": float, "ref_noisy": bool,
-                               "seconds": float}
+                               "sir_db": float, "seconds": float}
 TEXT_FIELDS = ("id", "condition", "notes")
 
-# SPEC §6: the v1 model, 48 kHz, 200 validation samples (158 TP + 42 TA).
-V1_REFERENCE = {
-    "label": "v1 (SPEC §6, 158 TP + 42 TA)",
-    "si_sdr": -1.87, "si_sdri": 4.01, "pesq": 1.15, "stoi": 0.488,
-    "ta_suppression_db": 11.2, "params": 7.8e6,
-}
+# The seed system's published results on its own 48 kHz test set (200 samples: 158 TP + 42 TA),
+# not the samples of this evaluation: comparable in kind, not item by item. v1: SPEC §6. v2:
+# 11.79 M parameters after 1.5 M steps on an RTX 4090, the figure a GPU run of the recipe must
+# beat.
+SEED_REFERENCES = (
+    {"label": "seed v1 (SPEC §6; its own test set, 158 TP + 42 TA)",
+     "si_sdr": -1.87, "si_sdri": 4.01, "pesq": 1.15, "stoi": 0.488,
+     "ta_suppression_db": 11.2, "params": 7.8e6},
+    {"label": "seed v2, 1.5 M steps (its own test set, 158 TP + 42 TA): the recipe's GPU target",
+     "si_sdr": -1.71, "si_sdri": 4.18, "pesq": 1.14, "stoi": 0.489,
+     "ta_suppression_db": 11.4, "params": 11.79e6},
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +102,8 @@ def corpus_wer(rows: Sequence[dict[str, Any]], name: str) -> float:
 
 
 def snr_band(snr_db: float, edges: Sequence[float]) -> str:
-    """The breakdown band of an SNR: ``[lo,hi)``, the last band closed, outside ``<lo``/``>hi``."""
+    """The breakdown band of an SNR (or SIR): ``[lo,hi)``, the last band closed, outside
+    ``<lo``/``>hi``."""
     if snr_db < edges[0]:
         return f"<{edges[0]:g}"
     for i, (lo, hi) in enumerate(itertools.pairwise(edges)):
@@ -105,30 +113,36 @@ def snr_band(snr_db: float, edges: Sequence[float]) -> str:
     return f">{edges[-1]:g}"
 
 
-def group_names(row: dict[str, Any], edges: Sequence[float]) -> list[str]:
-    """The breakdown groups a row belongs to (conditions the source does not know are left out)."""
+def group_names(row: dict[str, Any], edges: Sequence[float],
+                sir_edges: Sequence[float] = ()) -> list[str]:
+    """The breakdown groups a row belongs to (conditions the source does not know are left out):
+    SNR bands by ``edges``, bands of the target over its loudest interferer by ``sir_edges``."""
     names = ["all", row["condition"]]
     if row.get("n_interferers") is not None:
         n = row["n_interferers"]
         names.append(f"{n} interferer{'s' if n != 1 else ''}")
     if row.get("snr_db") is not None:
         names.append(f"SNR {snr_band(row['snr_db'], edges)} dB")
+    if sir_edges and row.get("sir_db") is not None:
+        names.append(f"SIR {snr_band(row['sir_db'], sir_edges)} dB")
     if row.get("ref_noisy") is not None:
         names.append("noisy ref" if row["ref_noisy"] else "clean ref")
     return names
 
 
 def _group_order(name: str) -> tuple[int, float, str]:
-    """Sort key of the breakdown: all/conditions, interferers, SNR bands (ascending), refs."""
+    """Sort key of the breakdown: all/conditions, interferers, SNR then SIR bands (ascending),
+    refs."""
     if name == "all" or name in CONDITIONS:
         return (0, (("all", *CONDITIONS)).index(name), name)
     if "interferer" in name:
         return (1, float(name.split()[0]), name)
-    if name.startswith("SNR "):
-        band = name.split()[1]
-        lo = -math.inf if band.startswith("<") else float(band.strip("[>").split(",")[0])
-        return (2, lo, name)
-    return (3, 0.0, name)
+    for rank, kind in ((2, "SNR "), (3, "SIR ")):
+        if name.startswith(kind):
+            band = name.split()[1]
+            lo = -math.inf if band.startswith("<") else float(band.strip("[>").split(",")[0])
+            return (rank, lo, name)
+    return (4, 0.0, name)
 
 
 def bad_si_sdri(rows: Sequence[dict[str, Any]], key: str = "si_sdri") -> dict[str, Any]:
@@ -156,11 +170,11 @@ def metric_failures(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str],
-              edges: Sequence[float]) -> dict[str, Any]:
+              edges: Sequence[float], sir_edges: Sequence[float] = ()) -> dict[str, Any]:
     """Statistics of every column over all rows and per breakdown group."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        for name in group_names(row, edges):
+        for name in group_names(row, edges, sir_edges):
             groups.setdefault(name, []).append(row)
     breakdown = {}
     for name in sorted(groups, key=_group_order):
@@ -287,21 +301,33 @@ def resume_rows(out_dir: Path, fields: Sequence[str],
     if (diff := fingerprint_mismatch(stored, json_safe(fingerprint))) is not None:
         raise EvalInputError(f"{out_dir}: holds an evaluation with other settings ({diff}); "
                              "use another --out-dir")
+    text = csv_path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines.pop()  # a kill in the middle of a row: that ID is scored again
     rows: dict[str, dict[str, Any]] = {}
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
+    reader = csv.reader(lines)
+    try:
         header = next(reader, None)
-        if header != list(fields):
-            raise EvalInputError(f"{csv_path}: its columns are not this evaluation's; use "
-                                 "another --out-dir")
-        for cells in reader:
-            try:
-                if len(cells) != len(fields):
-                    raise ValueError("cut short")
-                row = row_from_cells(dict(zip(fields, cells, strict=True)), fields)
-            except ValueError:
-                continue  # the line a kill cut short: scored again
-            rows[row["id"]] = row
+    except csv.Error:
+        header = None
+    if header != list(fields):
+        raise EvalInputError(f"{csv_path}: its columns are not this evaluation's; use "
+                             "another --out-dir")
+    while True:
+        try:
+            cells = next(reader)
+        except StopIteration:
+            break
+        except csv.Error:  # a damaged line (a NUL byte...): its ID is scored again
+            continue
+        try:
+            if len(cells) != len(fields):
+                raise ValueError("wrong number of cells")
+            row = row_from_cells(dict(zip(fields, cells, strict=True)), fields)
+        except ValueError:
+            continue
+        rows[row["id"]] = row
     write_csv(csv_path, list(rows.values()), fields)
     return rows
 
@@ -405,10 +431,16 @@ def write_examples(
     """Audio and spectrograms of the picked samples; ``estimate_of(index)`` loads and extracts
     the sample again (deterministically) rather than keeping it in memory during the run."""
     examples: dict[str, Any] = {}
+    extracted: dict[int, tuple[Sample, np.ndarray]] = {}
+    crop = EXAMPLE_SECONDS * SAMPLE_RATE
     for label, index in picks.items():
-        sample, estimate = estimate_of(index)
-        waves = {"mix": sample.mix, "ref": sample.ref, "estimate": estimate,
-                 "target": sample.target}
+        if index not in extracted:  # one sample may be best, median and worst at once
+            extracted[index] = estimate_of(index)
+        sample, estimate = extracted[index]
+        # Long recordings: the first EXAMPLE_SECONDS (the spectrogram of an hour would not
+        # fit in memory, nor help anyone listen).
+        waves = {"mix": sample.mix[:crop], "ref": sample.ref, "estimate": estimate[:crop],
+                 "target": sample.target[:crop]}
         audio = {}
         for name, wave in waves.items():
             rel = f"{EXAMPLES_DIR}/{label}_{name}.wav"
@@ -418,7 +450,7 @@ def write_examples(
         si_sdri = rows[index]["si_sdri"]
         plot_spectrograms(
             out_dir / spec_rel,
-            {"mixture": sample.mix, "estimate": estimate, "target": sample.target},
+            {"mixture": waves["mix"], "estimate": waves["estimate"], "target": waves["target"]},
             f"{label}: {sample.id}, SI-SDRi {si_sdri:+.2f} dB",
         )
         examples[label] = {"id": sample.id, "si_sdri": si_sdri, "spectrogram": spec_rel,
@@ -459,10 +491,10 @@ def _headline(info: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     if info["settings"].get("chunk"):
         lines.append([f"chunked ({info['settings']['chunk']})",
                       *(_stat(summary, STREAM_PREFIX + m) for m in HEADLINE), ""])
-    ref = V1_REFERENCE
-    lines.append([ref["label"], fmt(ref["si_sdr"]), fmt(ref["si_sdri"], "+.2f"),
-                  fmt(ref["pesq"]), fmt(ref["stoi"], ".3f"), fmt(ref["ta_suppression_db"], ".1f"),
-                  f"{ref['params'] / 1e6:.2f} M params"])
+    for ref in SEED_REFERENCES:
+        lines.append([ref["label"], fmt(ref["si_sdr"]), fmt(ref["si_sdri"], "+.2f"),
+                      fmt(ref["pesq"]), fmt(ref["stoi"], ".3f"),
+                      fmt(ref["ta_suppression_db"], ".1f"), f"{ref['params'] / 1e6:.2f} M params"])
     return _table(["model", "SI-SDR (dB)", "SI-SDRi (dB)", "PESQ", "STOI", "TA suppression (dB)",
                    "generator"], lines)
 
@@ -480,6 +512,14 @@ def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[str]
         lines += [f"- TP samples made worse (SI-SDRi < 0 dB): {below0['count']} of {bad['n_tp']} "
                   f"({_pct(below0['share'])}); badly (< -5 dB): {below5['count']} "
                   f"({_pct(below5['share'])})"]
+    if summary["metrics"].get("ref_sens_db", {}).get("n"):
+        sens = summary["metrics"]["ref_sens_db"]
+        lines += [f"- reference swap ({sens['n']} TP samples whose interferers are known, run "
+                  "once more with another speaker's reference): SI-SDRi "
+                  f"{_stat(summary, 'si_sdri')} dB with their own, "
+                  f"{_stat(summary, 'si_sdri_wrong_ref')} dB with the other; the two outputs "
+                  f"differ by {_stat(summary, 'ref_sens_db')} dB (-100: identical, about +3: "
+                  "two different voices)"]
     if summary["metrics"].get("confusion", {}).get("n"):
         conf = summary["metrics"]["confusion"]
         lines += [f"- speaker confusion (estimate closer to an interferer than to the target, "
@@ -537,7 +577,10 @@ def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
         f"- samples: {info['source']}: {info['n_samples']} ({counts})",
         f"- generator: {info['generator_params']:,} parameters ({info['arch']})",
         *(f"- {k}: {v}" for k, v in info["settings"].items()
-          if k not in ("snr_band_edges_db", "sample_rate") and v not in (None, False)),
+          if k not in ("snr_band_edges_db", "sir_band_edges_db", "sample_rate", "long_inputs")
+          and v not in (None, False)),
+        "- long recordings (above 60 s):",
+        *(f"  - {unit}: {rule}" for unit, rule in info["settings"]["long_inputs"].items()),
         "",
         "## Headline (means)",
         "",

@@ -24,10 +24,11 @@ import pyloudnorm
 from tqdm import tqdm
 
 from data.audio_utils import SAMPLE_RATE, AudioError
-from evaluation.isolation import Failure, Job, WorkerPool, run_alone, write_item
-from evaluation.metrics import STREAM_PREFIX, MetricSettings
+from evaluation.isolation import Failure, Job, WorkerPool, merge_part, write_item
+from evaluation.metrics import STREAM_PREFIX, MetricSettings, reference_sensitivity, si_sdr_db
 from evaluation.scoring import UNITS, nan_row, score, units_of
-from evaluation.sources import EvalInputError, Sample, SampleSource, Skipped
+from evaluation.signal import BLOCK_SAMPLES
+from evaluation.sources import TP, EvalInputError, Sample, SampleSource, Skipped, one_line
 from inference import Extractor, InferenceError
 
 log = logging.getLogger("evaluate")
@@ -35,6 +36,9 @@ log = logging.getLogger("evaluate")
 # Samples extracted ahead of the metric workers, per worker (their scratch folders wait on disk).
 MAX_QUEUED_PER_JOB = 2
 SECONDS_PER_MINUTE = 60.0
+# Scratch files of extracted samples waiting for a worker: an hour-long sample takes ~3 GB, and
+# a many-worker run must not fill the disk with them.
+MAX_SCRATCH_BYTES = 8 << 30
 METRIC_TIMEOUT_S = 600.0  # default time one sample's metrics may take per minute of its audio
 
 
@@ -60,6 +64,21 @@ def mixture_loudness(mix: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
         np.asarray(mix, dtype=np.float64)))
 
 
+def _energy(wave: np.ndarray) -> float:
+    return sum(float(np.sum(np.square(wave[i : i + BLOCK_SAMPLES], dtype=np.float64)))
+               for i in range(0, len(wave), BLOCK_SAMPLES))
+
+
+def target_to_interferer_db(sample: Sample) -> float | None:
+    """The target's level over its loudest interferer, as heard in the mixture (dB); None
+    unless the sample's interferers are known."""
+    if sample.condition != TP or sample.heard is None or len(sample.heard) < 2:
+        return None
+    loudest = max(_energy(h) for h in sample.heard[1:])
+    target = _energy(sample.heard[0])
+    return 10 * math.log10(target / loudest) if target > 0 and loudest > 0 else None
+
+
 def load_sample(source: SampleSource, settings: RunSettings) -> tuple[Sample, dict[str, Any]]:
     """The sample of ``source`` as the model will see it, and the row fields that describe
     it. With ``settings.lufs`` the mixture, and everything compared with it, are scaled so that
@@ -71,6 +90,7 @@ def load_sample(source: SampleSource, settings: RunSettings) -> tuple[Sample, di
         "n_interferers": sample.meta.get("n_interferers"),
         "snr_db": sample.meta.get("snr_db"),
         "ref_noisy": sample.meta.get("ref_noisy"),
+        "sir_db": target_to_interferer_db(sample),
         "seconds": len(sample.mix) / SAMPLE_RATE,
     }
     if settings.lufs is not None:
@@ -97,31 +117,44 @@ def extract_all(extractor: Extractor, sample: Sample,
     return out
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split())
-
-
-def _merge(row: dict[str, Any], result: dict[str, Any]) -> None:
-    row["notes"] += result.pop("notes")
-    row.update(result)
-
-
-def _unit_by_unit(job: Job, failure: Failure) -> dict[str, Any]:
-    """A job whose worker died or hung, scored again one unit per fresh process: the units that
-    fail again are the culprits (NaN, and a note such as ``pesq: crashed (signal 11,
-    SIGSEGV)``); every other unit keeps its columns."""
-    merged: dict[str, Any] = {"notes": []}
+def _failed(job: Job, failure: Failure) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """What a job whose worker died or hung still gives: the finished units' columns, a note
+    naming the culprit (``pesq: crashed (signal 11, SIGSEGV)``), and the units left to run."""
+    culprit = failure.unit or "metric worker"
+    log.warning("%s: %s %s", job.name, culprit, failure.reason)
+    part = {**failure.done, "notes": [*failure.done["notes"], f"{culprit}: {failure.reason}"]}
     units = job.units if job.units is not None else units_of(job.settings)
-    log.warning("metric worker %s on %s: scoring it again one metric at a time",
-                failure.reason, job.name)
-    for unit in units:
-        result = run_alone(replace(job, units=(unit,)))
-        if isinstance(result, Failure):
-            log.warning("%s: %s %s", job.name, unit, result.reason)
-            merged["notes"].append(f"{unit}: {result.reason}")
-        else:
-            _merge(merged, result)
-    return merged
+    left = tuple(u for u in units if u not in failure.finished and u != failure.unit)
+    return part, left
+
+
+def _other_reference(sources: Sequence[SampleSource], index: int,
+                     sample: Sample) -> np.ndarray | None:
+    """For a TP sample whose interferers are known: the reference of the next sample
+    (cyclically) of another speaker (any other sample where speakers are unknown)."""
+    if sample.condition != TP or sample.heard is None or len(sources) < 2:
+        return None
+    speaker = sample.meta.get("speaker")
+    for step in range(1, len(sources)):
+        try:
+            other = sources[(index + step) % len(sources)].load()
+        except (AudioError, EvalInputError):
+            continue
+        if speaker is None or other.meta.get("speaker") != speaker:
+            return other.ref
+    return None
+
+
+def wrong_reference_columns(extractor: Extractor, sample: Sample, estimate: np.ndarray,
+                            other_ref: np.ndarray, *, zero_mean: bool) -> dict[str, float]:
+    """The sample extracted once more with another speaker's reference: the reference
+    sensitivity (how far the two outputs differ) and the SI-SDRi of the wrong-reference one."""
+    wrong = extractor.extract_array(sample.mix, other_ref,
+                                    ref_name=f"{sample.id} (another sample's reference)")
+    si_sdr_mix = si_sdr_db(sample.mix, sample.target, zero_mean=zero_mean)
+    return {"ref_sens_db": reference_sensitivity(estimate, wrong),
+            "si_sdri_wrong_ref": si_sdr_db(wrong, sample.target, zero_mean=zero_mean)
+            - si_sdr_mix}
 
 
 def run_samples(
@@ -146,7 +179,8 @@ def run_samples(
     ``jobs`` 0 the samples are scored one at a time and the units that are not ``native`` run
     in the main process (for debugging); the native ones still run in a child. A worker that
     crashes or passes its sample's time (``metric_timeout_s`` per started minute of audio)
-    costs only the unit that caused it (``_unit_by_unit``).
+    costs only the unit that caused it (``_failed``): the units it had not run go to a fresh
+    worker.
     """
     units = units_of(metrics)
     if settings.jobs > 0:
@@ -158,6 +192,7 @@ def run_samples(
     bar = tqdm(total=len(todo), desc="evaluate", unit="sample", disable=None)
     pool = WorkerPool(max(1, settings.jobs)) if pooled and todo else None
     waiting: dict[int, dict[str, Any]] = {}  # rows whose pooled units are queued or running
+    scratch_bytes: dict[int, int] = {}  # their scratch files on disk
     queue: deque[Job] = deque()
     max_waiting = 0 if settings.jobs == 0 else settings.jobs + MAX_QUEUED_PER_JOB * settings.jobs
 
@@ -167,21 +202,34 @@ def run_samples(
         bar.update()
 
     def ended(job: Job, result: dict[str, Any] | Failure) -> None:
-        row = waiting.pop(job.key)
-        _merge(row, _unit_by_unit(job, result) if isinstance(result, Failure) else result)
-        shutil.rmtree(job.folder, ignore_errors=True)
-        finish(job.key, row)
+        row = waiting[job.key]
+        if isinstance(result, Failure):
+            result, left = _failed(job, result)
+            if left:  # the rest of the sample's units, in a fresh worker
+                queue.appendleft(replace(job, units=left))
+        else:
+            left = ()
+        merge_part(row, result)
+        if not left:
+            del waiting[job.key], scratch_bytes[job.key]
+            shutil.rmtree(job.folder, ignore_errors=True)
+            finish(job.key, row)
+
+    def too_many(most: int) -> bool:
+        # One sample over the disk budget (an hour with many interferers) still goes alone.
+        return len(waiting) > most or (len(waiting) > 1
+                                       and sum(scratch_bytes.values()) > MAX_SCRATCH_BYTES)
 
     def pump(most: int) -> None:
         """Hand queued jobs to idle workers and take finished rows until at most ``most`` rows
-        are waiting."""
+        (and at most ``MAX_SCRATCH_BYTES`` of scratch files) are waiting."""
         assert pool is not None
         while True:
             while queue and pool.idle():
                 pool.submit(queue.popleft())
-            for job, result in pool.collect(block=len(waiting) > most):
+            for job, result in pool.collect(block=too_many(most)):
                 ended(job, result)
-            if len(waiting) <= most and not (queue and pool.idle()):
+            if not too_many(most) and not (queue and pool.idle()):
                 return
 
     try:
@@ -189,22 +237,26 @@ def run_samples(
             try:
                 sample, base = load_sample(source, settings)
                 estimates = extract_all(extractor, sample, settings)
+                other_ref = (_other_reference(sources, index, sample)
+                             if "core" in metrics.groups else None)
+                swapped = ({} if other_ref is None else wrong_reference_columns(
+                    extractor, sample, estimates[""], other_ref, zero_mean=metrics.zero_mean))
             except (AudioError, EvalInputError, InferenceError) as err:
                 if strict:
                     raise
-                on_skip(Skipped(source.id, _one_line(err)))
+                on_skip(Skipped(source.id, one_line(err)))
                 bar.update()
                 continue
-            row = {**base, **nan_row(metrics), "notes": []}
+            row = {**base, **nan_row(metrics), **swapped, "notes": []}
             if inline:
-                _merge(row, score(estimates, sample, metrics, inline))
+                merge_part(row, score(estimates, sample, metrics, inline))
             if pool is None:
                 finish(index, row)
                 continue
             folder = scratch / f"{index:08d}"
-            write_item(folder, sample, estimates)
+            scratch_bytes[index] = write_item(folder, sample, estimates)
             del sample, estimates  # the worker maps the files; a long sample leaves memory now
-            minutes = max(1.0, base["seconds"] / SECONDS_PER_MINUTE)
+            minutes = max(1, math.ceil(base["seconds"] / SECONDS_PER_MINUTE))
             waiting[index] = row
             queue.append(Job(index, source.id, folder, metrics,
                              settings.metric_timeout_s * minutes, pooled))

@@ -36,10 +36,8 @@ from evaluation.metrics import (
     stoi,
     ta_suppression,
 )
-from evaluation.signal import LONG_SEGMENT_SECONDS
+from evaluation.signal import BLOCK_SAMPLES, LONG_SEGMENT_SECONDS
 from evaluation.sources import TA, TP, Sample
-
-FINITE_CHECK_BLOCK = 1 << 20  # samples per block of the finiteness check (no whole-signal mask)
 
 Estimates = dict[str, np.ndarray]  # column prefix -> (N,) estimate
 UnitFn = Callable[[Sample, Estimates, MetricSettings, list[str]], dict[str, Any]]
@@ -188,8 +186,8 @@ LONG_INPUT_RULES = {
     "sdr": f"not computed above {SDR_MAX_SECONDS:g} s (NaN, noted): BSS-Eval's filtered "
            "projection grows too slow and large",
     "similarity": "whole signal: GE2E partial windows embedded in batches and averaged",
-    "dnsmos": "whole signal: every 9.01 s window (one per second) scored, in batches, and "
-              "averaged; costs CPU in proportion to the length",
+    "dnsmos": "whole signal: every 9.01 s window (one per second) scored, one window at a "
+              "time, and averaged; its CPU cost grows with the length",
     "wer": f"decoded in segments of at most {LONG_SEGMENT_SECONDS:g} s, the words joined",
     "visqol": f"segments of at most {LONG_SEGMENT_SECONDS:g} s scored alone and averaged "
               "(weighted by length)",
@@ -217,8 +215,8 @@ def units_of(settings: MetricSettings) -> tuple[str, ...]:
 def all_finite(wave: np.ndarray) -> bool:
     """Whether every sample is finite, checked block by block (``wave`` may be a memmap of an
     hour: no whole-signal mask)."""
-    return all(np.isfinite(wave[i : i + FINITE_CHECK_BLOCK]).all()
-               for i in range(0, len(wave), FINITE_CHECK_BLOCK))
+    return all(np.isfinite(wave[i : i + BLOCK_SAMPLES]).all()
+               for i in range(0, len(wave), BLOCK_SAMPLES))
 
 
 def nan_row(settings: MetricSettings) -> dict[str, float]:
@@ -226,29 +224,44 @@ def nan_row(settings: MetricSettings) -> dict[str, float]:
     return dict.fromkeys(settings.columns(), math.nan)
 
 
+def finite_estimates(estimates: Estimates) -> tuple[Estimates, list[str]]:
+    """The estimates that are finite, and a note for each one that is not (it gets no
+    columns)."""
+    finite = {p: e for p, e in estimates.items() if all_finite(e)}
+    return finite, [f"{p}non-finite estimate" for p in estimates if p not in finite]
+
+
+def score_unit(name: str, sample: Sample, estimates: Estimates,
+               settings: MetricSettings) -> dict[str, Any]:
+    """The columns one unit fills and its ``notes`` (a list). A Python exception inside the
+    unit costs that unit, with its type and message in the notes; a crash of the process is
+    ``evaluation/isolation.py``'s business."""
+    notes: list[str] = []
+    try:
+        columns = UNITS[name].compute(sample, estimates, settings, notes)
+    except Exception as err:  # any failure inside a metric library costs its unit alone
+        return {"notes": [f"{name}: {type(err).__name__}: {' '.join(str(err).split())}"]}
+    unknown = set(columns) - set(COLUMNS) - {STREAM_PREFIX + c for c in COLUMNS}
+    if unknown:  # a unit filling a column the report does not know is a bug, not a result
+        raise KeyError(f"unit {name} filled unknown columns {sorted(unknown)}")
+    return {**columns, "notes": notes}
+
+
 def score(estimates: Estimates, sample: Sample, settings: MetricSettings,
           units: Sequence[str] | None = None) -> dict[str, Any]:
     """The columns of one sample that ``units`` (default: all of ``settings``) fill, and
     ``notes``, the list of what failed. ``estimates`` maps a column prefix ("" for the
-    whole-file estimate, ``stream_`` for the chunked one) to its estimate; a non-finite
-    estimate gets no columns, only a note.
+    whole-file estimate, ``stream_`` for the chunked one) to its estimate.
 
     Shape:
         estimates: prefix -> (N,) at ``settings.sample_rate``
     """
-    notes: list[str] = []
-    finite = {}
-    for prefix, est in estimates.items():
-        if all_finite(est):
-            finite[prefix] = est
-        else:
-            notes.append(f"{prefix}non-finite estimate")
+    finite, notes = finite_estimates(estimates)
     row: dict[str, Any] = {}
     for name in units_of(settings) if units is None else units:
-        row.update(UNITS[name].compute(sample, finite, settings, notes))
-    unknown = set(row) - set(COLUMNS) - {STREAM_PREFIX + c for c in COLUMNS}
-    if unknown:  # a unit filling a column the report does not know is a bug, not a result
-        raise KeyError(f"units filled unknown columns {sorted(unknown)}")
+        part = score_unit(name, sample, finite, settings)
+        notes += part.pop("notes")
+        row.update(part)
     row["notes"] = notes
     return row
 

@@ -39,7 +39,7 @@ import io
 import logging
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -90,7 +90,8 @@ class Skipped:
     problem: str
 
 
-def _one_line(err: BaseException) -> str:
+def one_line(err: BaseException) -> str:
+    """An error as one line: its message with every run of whitespace made one space."""
     return " ".join(str(err).split())
 
 
@@ -190,6 +191,7 @@ def _validation_item(dataset: HiFiTSEDataset, index: int) -> Sample:
             "n_interferers": int(item["n_interferers"]),
             "snr_db": float(item["snr_db"]),
             "ref_noisy": bool(item["ref_noisy"]),
+            "speaker": item["speaker"],
         },
     )
 
@@ -229,7 +231,7 @@ def _audio_seconds(path: Path) -> float:
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
-        raise AudioError(f"{path}: unreadable audio ({_one_line(err)})") from None
+        raise AudioError(f"{path}: unreadable audio ({one_line(err)})") from None
     if info.frames == 0:
         raise AudioError(f"{path}: empty audio")
     return info.frames / info.samplerate
@@ -312,7 +314,7 @@ class _Listing:
     def skip(self, sample_id: str, err: Exception) -> None:
         if self.strict:
             raise err
-        self.skipped.append(Skipped(sample_id, _one_line(err)))
+        self.skipped.append(Skipped(sample_id, one_line(err)))
 
     def add(self, files: SampleFiles, missing_target: str) -> None:
         try:
@@ -381,7 +383,7 @@ def csv_samples(path: Path, *, missing_target: str = "absent",
     rows skipped; a row whose ID an earlier row has is skipped (IDs name the rows of the
     results, and a resumed run skips the IDs it has)."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise EvalInputError(f"{path}: cannot read the CSV ({err})") from None
     reader = csv.reader(io.StringIO(text))
@@ -446,10 +448,10 @@ def read_transcripts(path: Path) -> dict[str, str]:
 
 
 def with_transcripts(sources: list[SampleSource], transcripts: dict[str, str],
-                     name: Path) -> list[SampleSource]:
+                     name: Path, skipped: Collection[str] = ()) -> list[SampleSource]:
     """The sources with the transcripts of ``--transcripts`` (they replace ``ID.txt`` files);
     an ID of the file that names no sample is an error (a typo would silently drop a WER)."""
-    ids = {s.id for s in sources}
+    ids = {s.id for s in sources} | set(skipped)
     unknown = sorted(set(transcripts) - ids)
     if unknown:
         raise EvalInputError(f"{name}: transcripts of unknown samples: {', '.join(unknown[:5])}")

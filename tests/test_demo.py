@@ -32,7 +32,7 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     cmd = ["make", "--no-print-directory", "demo", f"PY={sys.executable}", "INSTALL=",
            "DEMO_STEPS=20",
            "DEMO_CORPUS_ARGS=--n-train 10 --n-val 2 --n-test 3 --utts-per-speaker 3",
-           "DEMO_EVAL_ARGS=--n-samples 6 --jobs 1", "DEMO_COND_ARGS=--n-samples 6"]
+           "DEMO_EVAL_ARGS=--n-samples 6 --jobs 1", "DEMO_SEL_ARGS=--n-samples 6 --n-pairs 4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -60,8 +60,9 @@ def test_make_demo_runs_the_whole_chain(tmp_path: Path) -> None:
     assert json.loads(last)["bench"] == "demo_synthetic_20steps"  # not the default section
     doc = (repo / "doc" / "benchmarks.md").read_text()
     assert "demo_synthetic_20steps:start" in doc
-    swap = doc.split("<!-- conditioning_synthetic_20steps:start -->")[1].split("<!-- ")[0]
-    assert "SI-SDRi wrong ref dB" in swap
+    swap = doc.split("<!-- selection_synthetic_20steps:start -->")[1].split("<!-- ")[0]
+    assert "selection accuracy % [95 % CI]" in swap
+    assert "with another speaker's" in swap
 
     # Another family on the same corpus (ARCH): its own run and evaluation, and one table of
     # the families at this budget.

@@ -306,6 +306,43 @@ def test_a_crashing_metric_costs_that_metric_on_that_row(
     assert not _leftovers(out)
 
 
+def test_an_exception_in_a_metric_costs_that_metric(
+    ckpt: Path, voices: tuple[np.ndarray, np.ndarray], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A metric library that raises (not crashes): its unit is NaN with the error as a note."""
+    import evaluation.scoring as scoring
+
+    def broken(*args: object) -> dict:
+        raise ValueError("no band\nat all")
+
+    monkeypatch.setitem(scoring.UNITS, "lsd", scoring.Unit("lsd", "core", broken))
+    folder = tmp_path / "triplets"
+    _triplet(folder, "a", voices, SECONDS)
+    out = tmp_path / "out"
+    summary = evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(out), "--triplets",
+                             str(folder), "--metrics", "core", "--jobs", "0"])
+    (row,) = _rows(out / report.CSV_NAME).values()
+    assert row["notes"] == "lsd: ValueError: no band at all"
+    assert row["lsd_hb"] == ""
+    assert math.isfinite(float(row["si_sdri"]))
+    assert math.isfinite(float(row["pesq"]))
+    assert summary["metric_failures"]["n_items"] == 1
+
+
+def test_transcripts_of_a_skipped_sample_are_not_an_error(
+    ckpt: Path, odd_folder: tuple[Path, dict[str, str]], tmp_path: Path,
+) -> None:
+    folder, _ = odd_folder
+    text = tmp_path / "text"
+    text.write_text("good kids are talking by the door\nnan dogs are sitting by the door\n")
+    out = tmp_path / "out"
+    summary = evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(out), "--triplets",
+                             str(folder), "--metrics", "core", "--jobs", "0",
+                             "--transcripts", str(text)])
+    assert summary["n_samples"] == len(GOOD_IDS)
+
+
 # ---------------------------------------------------------------------------------------------
 # Killed and resumed
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +358,8 @@ def test_killed_run_resumes_each_id_once(
     folder = tmp_path / "triplets"
     for i in range(N_RESUME):
         _triplet(folder, f"s{i:02d}", voices, SECONDS, offset=0.3 + 1.7 * i)
-    argv = ["--ckpt", str(ckpt), "--triplets", str(folder), "--metrics", "core", "--jobs", "0"]
+    # Two workers: rows finish out of order, and the CSV still ends in source order.
+    argv = ["--ckpt", str(ckpt), "--triplets", str(folder), "--metrics", "core", "--jobs", "2"]
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.Popen([sys.executable, str(REPO / "evaluate.py"), *argv,

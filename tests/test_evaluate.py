@@ -131,12 +131,15 @@ def test_validation_set_is_reproducible_and_broken_down(ckpt: Path, tmp_path: Pa
     assert conditions == {"TP", "TA"}, "ta_prob 0.5 over the fixed list gives both"
     summary = json.loads((tmp_path / "a" / report.SUMMARY_NAME).read_text())
     edges = summary["settings"]["snr_band_edges_db"]
+    sir_edges = summary["settings"]["sir_band_edges_db"]
     expected = {"all"} | conditions
     for r in rows.values():
         n = int(r["n_interferers"])
         expected.add(f"{n} interferer{'s' if n != 1 else ''}")
         expected.add(f"SNR {report.snr_band(float(r['snr_db']), edges)} dB")
         expected.add("noisy ref" if r["ref_noisy"] == "1" else "clean ref")
+        if r["condition"] == "TP":  # the validation set knows every TP sample's interferers
+            expected.add(f"SIR {report.snr_band(float(r['sir_db']), sir_edges)} dB")
     breakdown = summary["breakdown"]
     assert set(breakdown) == expected
     assert breakdown["all"]["n"] == N_VAL
@@ -146,11 +149,20 @@ def test_validation_set_is_reproducible_and_broken_down(ckpt: Path, tmp_path: Pa
         tp = r["condition"] == "TP"
         assert (r["si_sdri"] != "") == tp
         assert (r["ta_suppression_db"] != "") == (not tp)
+        # Run again with another validation speaker's reference: an untrained model's two
+        # outputs still differ (its reference path is random, not ignored).
+        assert (r["ref_sens_db"] != "") == tp
+        assert (r["si_sdri_wrong_ref"] != "") == tp
+        if tp:
+            assert -100.0 < float(r["ref_sens_db"]) < 10.0
     n_tp = sum(r["condition"] == "TP" for r in rows.values())
     assert summary["metrics"]["si_sdri"]["n"] == n_tp == summary["n_tp"]
     text = (tmp_path / "a" / report.REPORT_NAME).read_text()
     assert "| this checkpoint |" in text
     assert "| SNR [" in text
+    assert "| SIR " in text
+    assert "reference swap (" in text
+    assert "seed v2, 1.5 M steps" in text
 
 
 @pytest.mark.slow

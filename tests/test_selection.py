@@ -1,0 +1,160 @@
+"""The swap test (evaluation/selection.py) and the dataset pieces it and the learning ladder
+need: swap pairs, the reverberation / noise probabilities and the fixed speaker pair."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config import DataConfig
+from data.dataset import SWAP_SNR_DB, HiFiTSEDataset, active_rms, dataset_kwargs
+from evaluation.metrics import REF_SENS_FLOOR_DB, reference_sensitivity
+from evaluation.selection import (
+    pair_kind,
+    run_pairs,
+    speaker_group,
+    summarize,
+    summarize_by_group,
+    swap_scores,
+)
+from tests.packed_data import packed_subset
+
+N_PAIRS = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> DataConfig:
+    cfg = packed_subset(tmp_path_factory, shared_data)
+    cfg.segment_seconds = 1.0
+    cfg.ref_seconds = 1.0
+    return cfg
+
+
+def _dataset(data: DataConfig, split: str = "val", **changes: object) -> HiFiTSEDataset:
+    return HiFiTSEDataset(**{**dataset_kwargs(data, split), "length": 8,
+                             "return_components": True, **changes})
+
+
+@pytest.fixture(scope="module")
+def pairs(data: DataConfig) -> dict[bool, list[dict]]:
+    dataset = _dataset(data)
+    return {noisy: [dataset.swap_pair(i, noisy=noisy) for i in range(N_PAIRS)]
+            for noisy in (False, True)}
+
+
+def test_swap_pairs(data: DataConfig, pairs: dict[bool, list[dict]]) -> None:
+    again = _dataset(data).swap_pair(3, noisy=True)
+    np.testing.assert_array_equal(again["mix"], pairs[True][3]["mix"])
+    for noisy, items in pairs.items():
+        for item in items:
+            a, b = item["speakers"]
+            assert a != b
+            assert item["sources"].shape == (2, len(item["mix"]))
+            assert item["refs"].shape == (2, round(data.ref_seconds * 48_000))
+            # 0 dB SIR over active speech (before any peak limiting, which scales both).
+            level_a, level_b = (active_rms(s) for s in item["sources"])
+            assert 20 * math.log10(level_a / level_b) == pytest.approx(0.0, abs=1e-3)
+            residual = item["mix"] - item["sources"].sum(axis=0)
+            if noisy:
+                snr = 10 * math.log10(np.sum(item["sources"].sum(axis=0) ** 2.0)
+                                      / np.sum(residual**2.0))
+                assert snr == pytest.approx(SWAP_SNR_DB, abs=0.01)
+            else:
+                assert np.abs(residual).max() < 1e-6
+            for ref, source in zip(item["refs"], item["sources"], strict=True):
+                assert not np.allclose(ref[:1000], source[:1000])  # another utterance
+
+
+def test_reference_blind_model_selects_at_chance_and_oracle_always(
+    pairs: dict[bool, list[dict]],
+) -> None:
+    """Dry: a model that ignores its reference is right on exactly one run of each pair."""
+    def blind(mix: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        return 0.7 * mix + 0.2 * torch.tanh(20 * mix)  # any function of the mixture alone
+
+    dry = pairs[False]
+    scores = run_pairs(blind, dry, batch_pairs=4)
+    np.testing.assert_array_equal(scores["correct"].sum(axis=1), np.ones(N_PAIRS))
+    summary = summarize(scores)
+    assert summary["select_acc"] == 0.5
+    assert summary["ref_sens_db"] == REF_SENS_FLOOR_DB
+    identity = summarize(run_pairs(lambda mix, ref: mix, dry))
+    assert identity["si_sdri"] == pytest.approx(0.0, abs=1e-9)
+    assert identity["select_acc"] == 0.5
+
+    sources = torch.from_numpy(np.stack([p["sources"] for p in dry]))  # (P, 2, N)
+    calls = iter(range(0, N_PAIRS, 4))
+
+    def oracle(mix: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        start = next(calls)  # run_pairs' batches, in order: the requested source of each run
+        return sources[start : start + len(mix) // 2].flatten(0, 1)
+
+    best = summarize(run_pairs(oracle, dry, batch_pairs=4))
+    assert best["select_acc"] == 1.0
+    assert best["si_sdri"] > 10.0
+    assert best["ref_sens_db"] > 0.0
+    lo, hi = best["si_sdri_ci"]
+    assert lo <= best["si_sdri"] <= hi
+
+
+def test_reference_sensitivity_of_files() -> None:
+    """evaluate.py's per-sample measure is the swap test's, in NumPy blocks."""
+    a = np.random.default_rng(0).standard_normal(3 * 48_000).astype(np.float32)
+    assert reference_sensitivity(a, a.copy()) == REF_SENS_FLOOR_DB
+    assert reference_sensitivity(a, np.zeros_like(a)) == pytest.approx(10 * math.log10(2))
+    assert reference_sensitivity(a, -a) == pytest.approx(10 * math.log10(4))
+    b = np.random.default_rng(1).standard_normal(len(a)).astype(np.float32)
+    batched = swap_scores(torch.from_numpy(np.stack([a, b]))[None],
+                          torch.from_numpy(np.stack([a, b]))[None], torch.from_numpy(a + b)[None])
+    assert float(batched["ref_sens_db"][0]) == pytest.approx(reference_sensitivity(a, b), abs=1e-6)
+
+
+def test_groups_and_intervals() -> None:
+    assert speaker_group("ravdess/Actor_13") == "male"
+    assert speaker_group("Actor_16") == "female"
+    assert speaker_group("test002", {"test002": 120.0}) == "low"
+    assert speaker_group("test002") is None
+    assert pair_kind(["Actor_01", "Actor_03"]) == "same"
+    assert pair_kind(["Actor_01", "Actor_02"]) == "cross"
+    rng = np.random.default_rng(0)
+    scores = {"correct": rng.integers(0, 2, (40, 2)).astype(float),
+              "si_sdri": rng.normal(size=(40, 2)), "ref_sens_db": rng.normal(size=40)}
+    out = summarize_by_group(scores, ["same"] * 10 + ["cross"] * 25 + [None] * 5)
+    assert (out["all"]["n_pairs"], out["same"]["n_pairs"], out["cross"]["n_pairs"]) == (40, 10, 25)
+    lo, hi = out["all"]["select_acc_ci"]
+    assert lo < out["all"]["select_acc"] < hi
+    # A smaller set has a wider interval.
+    assert np.diff(out["same"]["select_acc_ci"]) > np.diff(out["all"]["select_acc_ci"])
+
+
+def test_ladder_keys(data: DataConfig) -> None:
+    """Dry and noise-free samples are exactly target + interferers; a fixed pair always mixes
+    the same two training speakers, in validation too; the defaults draw what they drew."""
+    plain = _dataset(data)[0]
+    same = _dataset(data, reverb_prob=1.0, noise_prob=1.0)[0]
+    for key in ("mix", "target", "ref"):
+        assert torch.equal(plain[key], same[key])
+    dry = _dataset(data, reverb_prob=0.0, noise_prob=0.0, ta_prob=0.0)
+    for i in range(4):
+        item = dry[i]
+        parts = item["comp_target"] + item["comp_interferers"].sum(0)
+        torch.testing.assert_close(item["mix"], parts, atol=1e-6, rtol=0)
+        assert torch.count_nonzero(item["comp_noise"]) == 0
+        torch.testing.assert_close(item["target"], item["comp_target"], atol=1e-7, rtol=0)
+    train = _dataset(data, "train")
+    names = sorted(set(train.speech.speaker_names))
+    pair = [names[0], names[5]]
+    for split in ("train", "val"):
+        fixed = _dataset(data, split, speaker_pair=pair, ta_prob=0.0)
+        for i in range(4):
+            item = fixed[i]
+            assert item["speaker"] == pair[0]
+            assert item["n_interferers"] == 1
+            assert item["interferer_utts"].split("/")[0] in pair[1] or pair[1] in item[
+                "interferer_utts"]
+    with pytest.raises(ValueError, match="speaker_pair"):
+        _dataset(data, speaker_pair=[names[0]])
