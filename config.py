@@ -329,6 +329,21 @@ def check_ranges(cfg: Config) -> None:
     if layer is not None and layer not in SEQUENCE_LAYERS:
         raise ConfigError(f"config key 'model.sequence_layer': expected one of "
                           f"{', '.join(SEQUENCE_LAYERS)}, got {layer!r}")
+    for name in ("snr_band_edges_db", "sir_band_edges_db"):
+        edges = getattr(cfg.eval, name)
+        if not edges or list(edges) != sorted(set(edges)):
+            raise ConfigError(f"config key 'eval.{name}': expected increasing band edges, "
+                              f"got {edges!r}")
+    for name in ("reverb_prob", "noise_prob"):
+        if not 0.0 <= getattr(cfg.data, name) <= 1.0:
+            raise ConfigError(f"config key 'data.{name}': expected a probability in [0, 1], "
+                              f"got {getattr(cfg.data, name)}")
+    if len(cfg.data.speaker_pair) not in (0, 2):
+        raise ConfigError(f"config key 'data.speaker_pair': expected [target, interferer] "
+                          f"speaker names, got {cfg.data.speaker_pair!r}")
+    if cfg.train.n_val_pairs < 0:
+        raise ConfigError(f"config key 'train.n_val_pairs': expected >= 0, got "
+                          f"{cfg.train.n_val_pairs}")
     unknown = sorted(set(cfg.eval.metrics) - set(EVAL_METRIC_GROUPS))
     if unknown:
         raise ConfigError(f"config key 'eval.metrics': unknown groups {', '.join(unknown)} "

@@ -415,7 +415,7 @@ on_event() {  # LEVEL EVENT: one documented train.py line
       ;;
     val)
       parse_kv "${event#val}"
-      summary "val@$step" si_sdr si_sdri ta_supp_db loss
+      summary "val@$step" si_sdr si_sdri ta_supp_db select_acc ref_sens loss
       val_summary=$REPLY
       now_ms
       if ((last_val_ms < 0 || NOW - last_val_ms >= val_interval_ms)); then

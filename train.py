@@ -42,7 +42,7 @@ from config import Config, ConfigError, dump_config, load_config, model_kwargs, 
 from data.audio_utils import STFT
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
 from data.manifest import ManifestError
-from evaluation.selection import swap_scores
+from evaluation.selection import swap_batch, swap_scores
 from losses.adversarial import (
     discriminator_loss,
     feature_matching_loss,
@@ -636,11 +636,12 @@ def validate(
     *,
     autocast: contextlib.AbstractContextManager[object],
     ddp: bool,
-    pairs: list[dict[str, Any]],
+    pairs: dict[str, torch.Tensor],
 ) -> tuple[dict[str, float], list[tuple[torch.Tensor, ...]]]:
     """SI-SDR(i) of TP items, suppression of TA items and the loss, over every rank's share of
     the fixed validation list (EMA weights where there are some); the swap test on this rank's
-    share of the swap ``pairs`` (``select_acc``, ``ref_sens``: NaN without pairs); and the first
+    share of the swap ``pairs`` (``swap_pairs_on``; ``select_acc``, ``ref_sens``: NaN without
+    pairs); and the first
     ``train.n_val_audio`` examples (mix, ref, estimate, target) of this rank."""
     device = next(nets.generator.parameters()).device
     weights = loss_weights(cfg)
@@ -671,17 +672,15 @@ def validate(
             examples.append((batch["mix"][0], batch["ref"][0], est[0], batch["target"][0]))
     # sums: correct runs, reference sensitivity, pairs
     swap = torch.zeros(3, dtype=torch.float64, device=device)
+    swap[2] = len(pairs["mix"])
     per_call = max(1, cfg.train.batch_size // 2)  # pairs per forward: two runs each
-    for start in range(0, len(pairs), per_call):
-        chunk = pairs[start : start + per_call]
-        mix = torch.stack([torch.from_numpy(p["mix"]) for p in chunk]).to(device)  # (P, N)
-        refs = torch.stack([torch.from_numpy(p["refs"]) for p in chunk]).to(device)  # (P, 2, M)
-        sources = torch.stack([torch.from_numpy(p["sources"]) for p in chunk]).to(device)
+    for start in range(0, len(pairs["mix"]), per_call):
+        mix, refs, sources = (pairs[k][start : start + per_call]
+                              for k in ("mix", "refs", "sources"))
         with autocast, validation_context(model):
-            est = model(mix.repeat_interleave(2, 0), refs.flatten(0, 1))  # (2P, N)
-        scores = swap_scores(est.float().reshape(len(chunk), 2, -1), sources, mix)
-        swap += torch.stack([scores["correct"].sum(), scores["ref_sens_db"].sum(),
-                             torch.tensor(float(len(chunk)), device=device)])
+            est = swap_batch(model, mix, refs)
+        scores = swap_scores(est, sources, mix)
+        swap[:2] += torch.stack([scores["correct"].sum(), scores["ref_sens_db"].sum()])
     sums = torch.cat([sums, swap])
     if ddp:  # one collective on every rank, whatever its share holds
         dist.all_reduce(sums)
@@ -692,6 +691,22 @@ def validate(
             "loss": s_loss / max(n_b, 1), "n_tp": n_tp, "n_ta": n_ta,
             "select_acc": s_right / (2 * n_pairs) if n_pairs else float("nan"),
             "ref_sens": s_sens / n_pairs if n_pairs else float("nan")}, examples
+
+
+def swap_pairs_on(val_set: HiFiTSEDataset, n_pairs: int, rank: int, world: int,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """This rank's share of the validation swap pairs (dry), stacked on the device once: the
+    same pairs at every validation. None to share (too few validation speakers, or
+    ``n_pairs`` 0): empty tensors, and the swap test reports NaN."""
+    try:
+        items = [val_set.swap_pair(i, noisy=False) for i in range(rank, n_pairs, world)]
+    except ManifestError as err:  # the same split on every rank: every rank skips
+        log.warning("no swap test in validation: %s", err)
+        items = []
+    n, m = val_set.segment_samples, val_set.ref_samples
+    shapes = {"mix": (0, n), "refs": (0, 2, m), "sources": (0, 2, n)}
+    return {k: torch.stack([torch.from_numpy(p[k]) for p in items]).to(device) if items
+            else torch.zeros(shape, device=device) for k, shape in shapes.items()}
 
 
 def objective_terms(model: nn.Module, batch: dict[str, torch.Tensor], cfg: Config,
@@ -868,12 +883,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val"))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world), **loader_args)
-    try:  # built once: the same pairs at every validation
-        swap_pairs = [val_set.swap_pair(i, noisy=False)
-                      for i in range(rank, cfg.train.n_val_pairs, world)]
-    except ManifestError as err:  # the same on every rank: all skip the swap test
-        log.warning("no swap test in validation: %s", err)
-        swap_pairs = []
+    swap_pairs = swap_pairs_on(val_set, cfg.train.n_val_pairs, rank, world, device)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step) if master else None
     weights = loss_weights(cfg)
 

@@ -147,7 +147,9 @@ def main() -> None:
     if not args.no_write:
         body = (f"## evaluate.py on long recordings (`bench/bench_eval_runs.py`)\n\n"
                 f"{machine()}; `--jobs {args.jobs}`, tiny 8-band untrained checkpoint, one "
-                f"synthetic triplet per run (RAVDESS tiled, interferer 3 dB below).\n\n{table}\n")
+                f"synthetic triplet per run (RAVDESS tiled, interferer 3 dB below). The main "
+                f"process (extraction, then the report) and the worker (metrics) peak at "
+                f"different times; the machine needs at most their sum.\n\n{table}\n")
         write_section(SECTION, body)
     print_json({"runs": results, "jobs": args.jobs})
 

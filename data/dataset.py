@@ -128,6 +128,13 @@ def _rms(x: np.ndarray) -> float:
     return math.sqrt(_energy(x) / max(len(x), 1))
 
 
+def _convolved(spec: np.ndarray, response: np.ndarray, rir: _Rir, n: int) -> np.ndarray:
+    """The last ``n`` samples of the circular convolution of a window (its rfft ``spec``) with
+    an RIR's ``response``: overlap-save, since with n_fft >= n + R - 1 points those outputs see
+    R true taps and no wrap-around, i.e. they are the crop of the full linear convolution."""
+    return sfft.irfft(spec * response, rir.n_fft)[rir.length - 1 : rir.length - 1 + n]
+
+
 def active_rms(x: np.ndarray) -> float:
     """RMS over the active 10 ms frames of ``x`` (within ``ACTIVE_RANGE_DB`` of the loudest);
     0 for silence. Shape: x (N,)."""
@@ -402,19 +409,16 @@ class HiFiTSEDataset(Dataset):
                 continue
             rir = self._rir(r)
             window = self._speech_window(u, f, rng, pre=rir.length - 1, n=n)  # (n + R - 1,)
-            # Overlap-save: in a circular convolution of n_fft >= n + R - 1 points, the last
-            # n outputs of the window see R true taps and no wrap-around, i.e. they are the
-            # crop of the full linear convolution.
             spec = sfft.rfft(window, rir.n_fft)
-            crop = slice(rir.length - 1, rir.length - 1 + n)
-            sources.append(sfft.irfft(spec * rir.spectrum, rir.n_fft)[crop])
+            sources.append(_convolved(spec, rir.spectrum, rir, n))
             if k == 0 and not is_ta:
                 if self.target_type == "reverberant":
                     target_sig = sources[0]
                 elif self.target_type == "early":
-                    target_sig = sfft.irfft(spec * rir.early_spectrum, rir.n_fft)[crop]
+                    target_sig = _convolved(spec, rir.early_spectrum, rir, n)
                 else:  # dry: delayed like the direct path, whose energy is 1
-                    target_sig = window[crop.start - rir.delay : crop.stop - rir.delay]
+                    start = rir.length - 1 - rir.delay
+                    target_sig = window[start : start + n]
 
         # Levels: first speaker at `level` dBFS, the others `sir` dB below it.
         lead_rms = _rms(sources[0])
@@ -434,14 +438,8 @@ class HiFiTSEDataset(Dataset):
             else (gains[0] * target_sig).astype(np.float32)
         )
         speech = np.sum(sources, axis=0, dtype=np.float32)
-        if noisy:
-            noise = self._noise_crop(noise_idx, rng, n)
-            noise_energy = _energy(noise)
-            if noise_energy < MIN_ACTIVE_RMS**2 * n:
-                raise _Redraw
-            noise *= np.float32(math.sqrt(_energy(speech) / (noise_energy * 10 ** (snr / 10))))
-        else:
-            noise = np.zeros(n, dtype=np.float32)
+        noise = (self._noise_at(noise_idx, rng, n, _energy(speech), snr) if noisy
+                 else np.zeros(n, dtype=np.float32))
         mix = speech + noise
 
         # One gain for every signal whose sum or part forms the mixture.
@@ -472,8 +470,8 @@ class HiFiTSEDataset(Dataset):
             "target_utt": "" if is_ta else self.speech.key(utt_t),
             "ref_utt": self.speech.key(utt_ref),
             "interferer_utts": _ID_SEP.join(self.speech.key(u) for u in utt_int),
-            "rir_ids": _ID_SEP.join(self.rirs.key(r) for r in rir_ids),
-            "noise_id": self.noise.key(noise_idx),
+            "rir_ids": _ID_SEP.join(self.rirs.key(r) for r in rir_ids) if reverberant else "",
+            "noise_id": self.noise.key(noise_idx) if noisy else "",
         }
         if self.return_components:
             sample["comp_target"] = torch.from_numpy(np.ascontiguousarray(comp_target))
@@ -494,7 +492,8 @@ class HiFiTSEDataset(Dataset):
                                 "each for swap pairs")
         n = self.segment_samples
         for attempt in range(MAX_DRAWS):
-            rng = np.random.default_rng([self.seed, _SWAP_STREAM, int(noisy), index, attempt])
+            # The same draws for both conditions: pair i is the same two voices, dry or noisy.
+            rng = np.random.default_rng([self.seed, _SWAP_STREAM, index, attempt])
             speakers = [int(s) for s in rng.choice(self._targets, size=2, replace=False)]
             utts = [[int(u) for u in rng.choice(self._utts[s], size=2, replace=False)]
                     for s in speakers]  # (mixture, reference) per speaker
@@ -507,8 +506,7 @@ class HiFiTSEDataset(Dataset):
                     if noisy:
                         rir = self._rir(r)
                         window = self._speech_window(utt, 1.0, rng, pre=rir.length - 1, n=n)
-                        spec = sfft.rfft(window, rir.n_fft)
-                        voice = sfft.irfft(spec * rir.spectrum, rir.n_fft)[rir.length - 1 :][:n]
+                        voice = _convolved(sfft.rfft(window, rir.n_fft), rir.spectrum, rir, n)
                     else:
                         voice = self._speech_window(utt, 1.0, rng, pre=0, n=n)
                     level = active_rms(voice)
@@ -519,12 +517,7 @@ class HiFiTSEDataset(Dataset):
                 heard = np.stack(sources)  # (2, N)
                 mix = heard.sum(axis=0)
                 if noisy:
-                    noise = self._noise_crop(noise_idx, rng, n)
-                    noise_energy = _energy(noise)
-                    if noise_energy < MIN_ACTIVE_RMS**2 * n:
-                        raise _Redraw
-                    mix = mix + noise * np.float32(
-                        math.sqrt(_energy(mix) / (noise_energy * 10 ** (SWAP_SNR_DB / 10))))
+                    mix = mix + self._noise_at(noise_idx, rng, n, _energy(mix), SWAP_SNR_DB)
                 refs = np.stack([
                     self._reference(ref, 1.0, rng, level, False, noise_idx, 0.0)
                     for (_, ref), level in zip(utts, ref_levels, strict=True)
@@ -609,6 +602,16 @@ class HiFiTSEDataset(Dataset):
         # Past the utterance's end (n_out) the window is silence, whatever soxr's tail holds.
         out[max(0, n_out - lo) :] = 0.0
         return out
+
+    def _noise_at(self, idx: int, rng: np.random.Generator, n: int, speech_energy: float,
+                  snr: float) -> np.ndarray:
+        """A crop of noise clip ``idx`` scaled to ``snr`` dB below ``speech_energy``; a silent
+        crop is drawn again. Shape: returns (n,) float32."""
+        noise = self._noise_crop(idx, rng, n)
+        noise_energy = _energy(noise)
+        if noise_energy < MIN_ACTIVE_RMS**2 * n:
+            raise _Redraw
+        return noise * np.float32(math.sqrt(speech_energy / (noise_energy * 10 ** (snr / 10))))
 
     def _noise_crop(self, idx: int, rng: np.random.Generator, n: int) -> np.ndarray:
         """A random ``n``-sample crop of a noise clip; a shorter clip is repeated to fill it.

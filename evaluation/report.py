@@ -515,7 +515,8 @@ def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[str]
     if summary["metrics"].get("ref_sens_db", {}).get("n"):
         sens = summary["metrics"]["ref_sens_db"]
         lines += [f"- reference swap ({sens['n']} TP samples whose interferers are known, run "
-                  "once more with another speaker's reference): SI-SDRi "
+                  "once more with another sample's reference, another speaker's where speakers "
+                  "are known): SI-SDRi "
                   f"{_stat(summary, 'si_sdri')} dB with their own, "
                   f"{_stat(summary, 'si_sdri_wrong_ref')} dB with the other; the two outputs "
                   f"differ by {_stat(summary, 'ref_sens_db')} dB (-100: identical, about +3: "

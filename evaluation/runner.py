@@ -39,6 +39,9 @@ SECONDS_PER_MINUTE = 60.0
 # Scratch files of extracted samples waiting for a worker: an hour-long sample takes ~3 GB, and
 # a many-worker run must not fill the disk with them.
 MAX_SCRATCH_BYTES = 8 << 30
+# The run with another sample's reference doubles a sample's extraction: done up to this length
+# (simulated sets), not on long recordings.
+REF_SWAP_MAX_SECONDS = 60.0
 METRIC_TIMEOUT_S = 600.0  # default time one sample's metrics may take per minute of its audio
 
 
@@ -131,7 +134,9 @@ def _failed(job: Job, failure: Failure) -> tuple[dict[str, Any], tuple[str, ...]
 def _other_reference(sources: Sequence[SampleSource], index: int,
                      sample: Sample) -> np.ndarray | None:
     """For a TP sample whose interferers are known: the reference of the next sample
-    (cyclically) of another speaker (any other sample where speakers are unknown)."""
+    (cyclically) of another speaker where speakers are known (the validation set), else of the
+    next sample (files: possibly the same speaker). That sample is loaded whole: the run is
+    limited to ``REF_SWAP_MAX_SECONDS``."""
     if sample.condition != TP or sample.heard is None or len(sources) < 2:
         return None
     speaker = sample.meta.get("speaker")
@@ -237,17 +242,22 @@ def run_samples(
             try:
                 sample, base = load_sample(source, settings)
                 estimates = extract_all(extractor, sample, settings)
-                other_ref = (_other_reference(sources, index, sample)
-                             if "core" in metrics.groups else None)
-                swapped = ({} if other_ref is None else wrong_reference_columns(
-                    extractor, sample, estimates[""], other_ref, zero_mean=metrics.zero_mean))
             except (AudioError, EvalInputError, InferenceError) as err:
                 if strict:
                     raise
                 on_skip(Skipped(source.id, one_line(err)))
                 bar.update()
                 continue
-            row = {**base, **nan_row(metrics), **swapped, "notes": []}
+            row = {**base, **nan_row(metrics), "notes": []}
+            if "core" in metrics.groups and base["seconds"] <= REF_SWAP_MAX_SECONDS:
+                try:
+                    other_ref = _other_reference(sources, index, sample)
+                    if other_ref is not None:
+                        row.update(wrong_reference_columns(extractor, sample, estimates[""],
+                                                           other_ref,
+                                                           zero_mean=metrics.zero_mean))
+                except (AudioError, EvalInputError, InferenceError) as err:
+                    row["notes"].append(f"reference swap: {one_line(err)}")
             if inline:
                 merge_part(row, score(estimates, sample, metrics, inline))
             if pool is None:

@@ -26,6 +26,7 @@ Everything is batched over pairs in torch (float64 for the scores) with no host 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ CI_PERCENT = 95.0
 # Speaker groups for same- / cross-group pairs: RAVDESS actors are male when odd, female when
 # even; the synthetic demo voices are grouped by median pitch (corpus.json), below or above this.
 PITCH_SPLIT_HZ = 165.0
+RAVDESS_ACTOR = re.compile(r"Actor_(\d+)$")
 
 
 def swap_scores(est: torch.Tensor, sources: torch.Tensor, mix: torch.Tensor
@@ -64,8 +66,25 @@ def swap_scores(est: torch.Tensor, sources: torch.Tensor, mix: torch.Tensor
     diff = (est[:, 0] - est[:, 1]).square().sum(-1)
     energy = est.square().sum(-1).sum(-1) / 2
     sens = 10 * torch.log10((diff + ENERGY_EPS) / (energy + ENERGY_EPS))
-    return {"correct": (requested > other).double(), "si_sdri": requested - mix_scores,
+    # A tie (an all-zero output) is chance, not wrong twice.
+    correct = (requested > other).double() + 0.5 * (requested == other).double()
+    return {"correct": correct, "si_sdri": requested - mix_scores,
             "ref_sens_db": sens.clamp(min=REF_SENS_FLOOR_DB)}
+
+
+def swap_batch(extract: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               mix: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """Both runs of every pair in one call: all A runs, then all B runs, so that item ``p`` of
+    either half is pair ``p`` (a family that seeds its sampling per batch item, the score-based
+    refiner, then draws the same noise for both runs of a pair, and a reference-blind model
+    still gives one output per pair).
+
+    Shape:
+        mix (P, N), refs (P, 2, M) -> (P, 2, N): the outputs with A's and with B's reference
+    """
+    p = mix.shape[0]
+    est = extract(mix.repeat(2, 1), refs.transpose(0, 1).flatten(0, 1))  # (2P, N)
+    return est.float().reshape(2, p, -1).transpose(0, 1)
 
 
 def run_pairs(extract: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -80,21 +99,23 @@ def run_pairs(extract: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         refs = torch.stack([torch.as_tensor(p["refs"]) for p in chunk]).to(device)  # (P, 2, M)
         sources = torch.stack([torch.as_tensor(p["sources"]) for p in chunk]).to(device)
         with torch.no_grad():
-            est = extract(mix.repeat_interleave(2, 0), refs.flatten(0, 1))  # (2P, N)
-        scores = swap_scores(est.float().reshape(len(chunk), 2, -1), sources, mix)
+            est = swap_batch(extract, mix, refs)
+        scores = swap_scores(est, sources, mix)
         for key, value in scores.items():
             out.setdefault(key, []).append(value.cpu().numpy())
     return {key: np.concatenate(values) for key, values in out.items()}
 
 
 def speaker_group(name: str, pitch_hz: dict[str, float] | None = None) -> str | None:
-    """``male``/``female`` for a RAVDESS actor (``Actor_NN``: odd male), ``low``/``high`` pitch
-    for a voice in ``pitch_hz`` (the synthetic corpus's median F0), None when unknown."""
-    base = name.rsplit("/", 1)[-1]
-    if pitch_hz is not None and base in pitch_hz:
-        return "low" if pitch_hz[base] < PITCH_SPLIT_HZ else "high"
-    if base.startswith("Actor_") and base[len("Actor_"):].isdigit():
-        return "male" if int(base[len("Actor_"):]) % 2 else "female"
+    """``male``/``female`` for a RAVDESS actor (a name ending in ``Actor_NN``: odd male),
+    ``low``/``high`` pitch for a voice of ``pitch_hz`` (the synthetic corpus's median F0, keyed
+    by the voice's folder name; packed speaker names carry their source as a prefix,
+    ``demotest_test003``), None when unknown."""
+    for voice, f0 in (pitch_hz or {}).items():
+        if name == voice or name.endswith(("_" + voice, "/" + voice)):
+            return "low" if f0 < PITCH_SPLIT_HZ else "high"
+    if match := RAVDESS_ACTOR.search(name):
+        return "male" if int(match[1]) % 2 else "female"
     return None
 
 

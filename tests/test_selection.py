@@ -90,8 +90,8 @@ def test_reference_blind_model_selects_at_chance_and_oracle_always(
     calls = iter(range(0, N_PAIRS, 4))
 
     def oracle(mix: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        start = next(calls)  # run_pairs' batches, in order: the requested source of each run
-        return sources[start : start + len(mix) // 2].flatten(0, 1)
+        start = next(calls)  # run_pairs' batches in order; in each, all A runs then all B runs
+        return sources[start : start + len(mix) // 2].transpose(0, 1).flatten(0, 1)
 
     best = summarize(run_pairs(oracle, dry, batch_pairs=4))
     assert best["select_acc"] == 1.0
@@ -114,7 +114,8 @@ def test_reference_sensitivity_of_files() -> None:
 
 
 def test_groups_and_intervals() -> None:
-    assert speaker_group("ravdess/Actor_13") == "male"
+    assert speaker_group("ravdesstest_Actor_13") == "male"
+    assert speaker_group("demotest_test002", {"test002": 250.0}) == "high"
     assert speaker_group("Actor_16") == "female"
     assert speaker_group("test002", {"test002": 120.0}) == "low"
     assert speaker_group("test002") is None
@@ -131,13 +132,32 @@ def test_groups_and_intervals() -> None:
     assert np.diff(out["same"]["select_acc_ci"]) > np.diff(out["all"]["select_acc_ci"])
 
 
+# Sums of mix, target and ref and the sum of |mix| of items 0-3 (``_checksum``).
+GOLDEN_VAL = [(52.397811, 0.0, -1.198042, 5936.816765), (2.479728, 1.324707, 0.91631, 1495.518747),
+              (-17.366882, 0.0, 17.635198, 4412.335826),
+              (-28.245026, 0.044168, -26.893725, 4384.162253)]
+GOLDEN_TRAIN = [(39.839544, 0.0, 0.204949, 5080.389753),
+                (10.075028, 3.318247, 0.030136, 7305.410108),
+                (-4.113284, -3.814389, -4.58405, 5808.542443),
+                (47.711949, -0.670046, 0.526979, 2756.180783)]
+
+
+def _checksum(item: dict) -> tuple[float, ...]:
+    return (*(float(item[k].double().sum()) for k in ("mix", "target", "ref")),
+            float(item["mix"].double().abs().sum()))
+
+
 def test_ladder_keys(data: DataConfig) -> None:
     """Dry and noise-free samples are exactly target + interferers; a fixed pair always mixes
     the same two training speakers, in validation too; the defaults draw what they drew."""
-    plain = _dataset(data)[0]
-    same = _dataset(data, reverb_prob=1.0, noise_prob=1.0)[0]
-    for key in ("mix", "target", "ref"):
-        assert torch.equal(plain[key], same[key])
+    # Checksums of the first items made by data/dataset.py before these keys existed (commit
+    # 60b450a, the same packed subset, 1 s crops): the defaults draw and mix exactly as before.
+    val, train = _dataset(data), _dataset(data, "train")
+    for i, expected in enumerate(GOLDEN_VAL):
+        assert _checksum(val[i]) == pytest.approx(expected, rel=1e-5, abs=1e-4), i
+    for i, expected in enumerate(GOLDEN_TRAIN):  # phase 2 with the SIR boost: every draw used
+        assert _checksum(train[(i, 0.3, 0.5, 2.0)]) == pytest.approx(expected, rel=1e-5,
+                                                                      abs=1e-4), i
     dry = _dataset(data, reverb_prob=0.0, noise_prob=0.0, ta_prob=0.0)
     for i in range(4):
         item = dry[i]
