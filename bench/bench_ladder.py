@@ -20,8 +20,8 @@ from the training speakers, and its model never had to select: not reported) aga
 from train.log, and the rung's oracle-mask ceilings on its
 validation items (the demo's STFT; ideal ratio mask ``|T| / (|T| + |I + N|)`` and the
 phase-sensitive mask clipped to [0, 1]). A rung far below its ceiling while the rung before it
-learns is where the work is. Writes ``ladder_<name>.png`` (every curve) beside the runs, the
-table to doc/benchmarks.md and one JSON object as the last line.
+learns is where the work is. Writes ``doc/ladder_<name>.png`` (every curve; beside the runs
+with ``--no-write``), the table to doc/benchmarks.md and one JSON object as the last line.
 
 The demo corpus is built and packed first if it is missing (as ``make demo`` does). Each rung's
 training runs in its own process with the demo's threads; run nothing else meanwhile.
@@ -193,7 +193,8 @@ def main() -> None:
               f"{last[2]:.0%}, oracle PSM {result['oracle']['psm']:+.2f} dB, "
               f"{result['seconds'] / 60:.1f} min", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    png = args.out / f"ladder_{args.name}.png"
+    # Beside doc/benchmarks.md when the section is written (the figure belongs to it).
+    png = (args.out if args.no_write else REPO / "doc") / f"ladder_{args.name}.png"
     plot(results, png)
     rows = []
     for r in results:

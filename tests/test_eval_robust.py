@@ -31,12 +31,7 @@ SR = 48_000
 SECONDS = 1.2
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> None:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +142,15 @@ def odd_folder(tmp_path_factory: pytest.TempPathFactory,
 GOOD_IDS = {"good", "longref", "sr16000", "sr8000", "stereo"}
 
 
+def _only(folder: Path, sample_id: str, tmp_path: Path) -> Path:
+    """A folder holding (links to) one sample's files of ``folder``."""
+    one = tmp_path / "one"
+    one.mkdir()
+    for path in folder.glob(f"{sample_id}-*.wav"):
+        (one / path.name).symlink_to(path)
+    return one
+
+
 def test_odd_inputs_are_scored_and_bad_ones_skipped(
     ckpt: Path, odd_folder: tuple[Path, dict[str, str]], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -201,10 +205,7 @@ def test_strict_stops_at_the_first_bad_sample(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     folder, bad = odd_folder
-    one = tmp_path / "one"
-    one.mkdir()
-    for path in folder.glob(f"{sample_id}-*.wav"):
-        (one / path.name).symlink_to(path)
+    one = _only(folder, sample_id, tmp_path)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(out), "--triplets", str(one),
@@ -222,10 +223,7 @@ def test_nothing_scored_exits_non_zero(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     folder, _ = odd_folder
-    one = tmp_path / "one"
-    one.mkdir()
-    for path in folder.glob("nan-*.wav"):
-        (one / path.name).symlink_to(path)
+    one = _only(folder, "nan", tmp_path)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:
         evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(out), "--triplets", str(one),
