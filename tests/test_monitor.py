@@ -111,9 +111,6 @@ def webhook() -> Iterator[Webhook]:
 # running the monitor
 
 
-STOP_TIMEOUT_S = 20.0  # seconds a signalled monitor may take to exit
-
-
 def wait_for(condition: Callable[[], object], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -168,8 +165,7 @@ class Monitor:
         """Signal the monitor; it must exit 0 and take its tail with it."""
         assert self.proc.poll() is None, f"the monitor died early:\n{self.stderr}"
         self.proc.send_signal(sig)
-        # Generous: this guards against a hang, and a loaded CI machine once took over 5 s.
-        assert self.proc.wait(timeout=STOP_TIMEOUT_S) == 0
+        assert self.proc.wait(timeout=5) == 0
         wait_for(lambda: not processes_mentioning(str(self.log)), timeout=3)
 
 
