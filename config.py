@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from models import registry
+from models.ge2e import KINDS as SPEAKER_EMBEDDINGS
 from models.generator import HiFiTSEArgs
 from models.tf_gridnet import SEQUENCE_LAYERS
 
@@ -151,6 +152,10 @@ class TrainConfig:
     # first, so the model learns to separate voices before it must pick one by the reference.
     sir_boost_db: float = 0.0
     sir_boost_steps: int = 0
+    # Its opposite, a curriculum for selection: the first selection_steps steps draw
+    # two-speaker mixtures at exactly 0 dB SIR, dry and noise-free (the learning ladder's rung
+    # 2), where only the reference tells which voice to keep; the full mixtures follow.
+    selection_steps: int = 0
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     log_every: int = 100
     val_every: int = 5000
@@ -325,6 +330,10 @@ def check_ranges(cfg: Config) -> None:
                               f"loss.{family.objective} alone; set the others to 0")
         if cfg.gan.enabled:
             raise ConfigError(f"config key 'gan.enabled': arch {family.name} has no GAN phase")
+    embedding = getattr(cfg.model, "speaker_embedding", None)
+    if embedding is not None and embedding not in SPEAKER_EMBEDDINGS:
+        raise ConfigError(f"config key 'model.speaker_embedding': expected one of "
+                          f"{', '.join(SPEAKER_EMBEDDINGS)}, got {embedding!r}")
     layer = getattr(cfg.model, "sequence_layer", None)  # hifi_tse's TF-GridNet paths
     if layer is not None and layer not in SEQUENCE_LAYERS:
         raise ConfigError(f"config key 'model.sequence_layer': expected one of "

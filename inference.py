@@ -77,6 +77,7 @@ import torch
 from torch import nn
 
 from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
+from models.conditioning import EncodedReference
 from models.generator import RMS_EPS, CheckpointError
 from models.pcs import pcs_stream
 from models.registry import load_model
@@ -407,23 +408,24 @@ class Extractor:
             log.warning("--half needs a CUDA device; running in float32 on %s", self.device)
         self.ref_cache_size = ref_cache_size
         self.pcs = pcs
-        self._refs: OrderedDict[Path, torch.Tensor] = OrderedDict()  # least recently used first
+        self._refs: OrderedDict[Path, EncodedReference] = OrderedDict()  # least recently used first
 
     def _autocast(self) -> contextlib.AbstractContextManager[object]:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _embed(self, wave: np.ndarray) -> torch.Tensor:
-        """The embedding of a checked reference at the model rate. Shape: (M,) -> (1, S, K, D)."""
+    def _embed(self, wave: np.ndarray) -> EncodedReference:
+        """The encoded reference (``encode_reference``) of a checked waveform at the model rate,
+        batch 1. Shape: (M,) -> z_ref."""
         wave = np.ascontiguousarray(wave, dtype=np.float32)
         ref = torch.from_numpy(wave).to(self.device)[None]  # (1, M)
         with torch.inference_mode(), self._autocast():
             return self.model.encode_reference(ref)
 
-    def reference(self, path: Path) -> torch.Tensor:
+    def reference(self, path: Path) -> EncodedReference:
         """The embedded reference of a file (``read_reference``); the ``ref_cache_size`` most
-        recently used ones are kept. Shape: (1, S, K, D)."""
+        recently used ones are kept (batch 1)."""
         if path in self._refs:
             self._refs.move_to_end(path)
             return self._refs[path]
@@ -437,7 +439,7 @@ class Extractor:
         return z_ref
 
     def _window(
-        self, z_ref: torch.Tensor, scale: torch.Tensor | None
+        self, z_ref: EncodedReference, scale: torch.Tensor | None
     ) -> Callable[[np.ndarray], np.ndarray]:
         """The model on one window, with the file's reference embedding and scale (``None``:
         each window's own RMS)."""
@@ -455,7 +457,7 @@ class Extractor:
         blocks: Iterable[np.ndarray],
         n_samples: int,
         total_energy: float,
-        z_ref: torch.Tensor,
+        z_ref: EncodedReference,
     ) -> Iterator[np.ndarray]:
         """The target in a stream of exactly ``n_samples`` samples at the model rate whose
         ``energy`` is ``total_energy``: overlapping windows, each divided and re-multiplied by
@@ -520,7 +522,7 @@ class Extractor:
                             overlap=overlap)
         return np.concatenate(list(pcs_stream(parts, sr=self.sr) if self.pcs else parts))
 
-    def _checked_embedding(self, ref: np.ndarray, ref_name: str | Path) -> torch.Tensor:
+    def _checked_embedding(self, ref: np.ndarray, ref_name: str | Path) -> EncodedReference:
         """The embedding of an in-memory reference after ``read_reference``'s checks: its
         first ``MAX_REF_SECONDS``, refused when too short or voiceless. Shape: (M,) -> z_ref."""
         ref = ref[: _reference_limit(ref.shape[0], self.sr, ref_name)]

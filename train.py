@@ -96,8 +96,8 @@ def log_events(path: Path, first_word: str = "step") -> list[dict[str, str]]:
 
 
 class StepSampler(Sampler):
-    """An endless stream of ``(index, ta_prob, noisy_ref_prob, sir_boost_db)`` for
-    ``HiFiTSEDataset``.
+    """An endless stream of ``(index, ta_prob, noisy_ref_prob, sir_boost_db, selection)`` for
+    ``HiFiTSEDataset`` (``selection`` 1.0 in the selection curriculum's steps, else 0.0).
 
     Sample ``i`` belongs to micro-step ``i // batch_size``, and the phase schedule of that step
     is baked into the index, so the stream is a function of the step alone: a resumed run (or a
@@ -109,12 +109,13 @@ class StepSampler(Sampler):
         self.batch_size = batch_size
         self.cfg = cfg
 
-    def __iter__(self) -> Iterator[tuple[int, float, float, float]]:
+    def __iter__(self) -> Iterator[tuple[int, float, float, float, float]]:
         index = self.start
         while True:
             step = index // self.batch_size
             ta_prob, noisy_ref_prob = phase_probs(self.cfg, step)
-            yield index, ta_prob, noisy_ref_prob, sir_boost_db(self.cfg, step)
+            selection = float(step < self.cfg.train.selection_steps)
+            yield index, ta_prob, noisy_ref_prob, sir_boost_db(self.cfg, step), selection
             index += 1
 
 
@@ -166,8 +167,9 @@ def check_config(cfg: Config) -> None:
         if getattr(t, name) % accum:
             raise ConfigError(f"train.{name}={getattr(t, name)} is not a multiple of "
                               f"optim.grad_accum={accum}")
-    if t.sir_boost_steps < 0:
-        raise ConfigError(f"train.sir_boost_steps must be >= 0, got {t.sir_boost_steps}")
+    for name in ("sir_boost_steps", "selection_steps"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
 
@@ -543,8 +545,13 @@ def update(nets: Nets, cfg: Config, step: int) -> tuple[float, torch.Tensor, boo
         nets.scaler.step(nets.opt_g)
         if nets.ema is not None:
             with torch.no_grad():
-                ema_p, gen_p = list(nets.ema.parameters()), list(nets.generator.parameters())
-                torch._foreach_lerp_(ema_p, gen_p, 1 - cfg.optim.ema_decay)
+                # Trained parameters only: a frozen part (a refiner's first stage, a
+                # pretrained speaker encoder) is the same in both and needs no averaging.
+                pairs = [(e, g) for e, g in zip(nets.ema.parameters(),
+                                                nets.generator.parameters(), strict=True)
+                         if g.requires_grad]
+                torch._foreach_lerp_([e for e, _ in pairs], [g for _, g in pairs],
+                                     1 - cfg.optim.ema_decay)
     if d_norm is not None and finite[1]:
         nets.scaler.step(nets.opt_d)
     nets.scaler.update()

@@ -336,10 +336,11 @@ class HiFiTSEDataset(Dataset):
     # ---- sampling ------------------------------------------------------------------------
 
     def __getitem__(self, item: int | tuple[float, ...]) -> dict[str, Any]:
-        sir_boost = 0.0
-        if isinstance(item, tuple):  # (index, ta_prob, noisy_ref_prob[, sir_boost_db])
+        sir_boost, selection = 0.0, False
+        if isinstance(item, tuple):  # (index, ta_prob, noisy_ref_prob[, sir_boost_db[, sel]])
             index, ta_prob, noisy_ref_prob = int(item[0]), float(item[1]), float(item[2])
             sir_boost = float(item[3]) if len(item) > 3 else 0.0
+            selection = len(item) > 4 and bool(item[4])
         else:
             index, ta_prob, noisy_ref_prob = int(item), self.ta_prob, self.noisy_ref_prob
         if self.split == "val":
@@ -350,7 +351,7 @@ class HiFiTSEDataset(Dataset):
         for attempt in range(MAX_DRAWS):
             rng = np.random.default_rng([*words, attempt])
             try:
-                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost)
+                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost, selection)
             except CorruptEntryError as err:
                 n_corrupt += 1
                 self.n_corrupt += 1
@@ -366,11 +367,18 @@ class HiFiTSEDataset(Dataset):
         )
 
     def _build(
-        self, rng: np.random.Generator, ta_prob: float, noisy_ref_prob: float, sir_boost: float
+        self,
+        rng: np.random.Generator,
+        ta_prob: float,
+        noisy_ref_prob: float,
+        sir_boost: float,
+        selection: bool = False,
     ) -> dict[str, Any]:
         """Draw everything first (a fixed order of draws), then read and mix. ``sir_boost``
         (dB) is added to the drawn SIRs of target-present samples after the draws, so a boosted
-        sample is the unboosted one with quieter interferers."""
+        sample is the unboosted one with quieter interferers. ``selection`` (the selection
+        curriculum, ``train.selection_steps``) then keeps the target and its first interferer
+        only, at exactly 0 dB SIR, dry and noise-free."""
         n = self.segment_samples
         is_ta = bool(rng.random() < ta_prob)
         ref_noisy = bool(rng.random() < noisy_ref_prob)
@@ -396,6 +404,9 @@ class HiFiTSEDataset(Dataset):
         # Drawn only below 1, so that the default configuration draws what it always drew.
         reverberant = self.reverb_prob == 1.0 or bool(rng.random() < self.reverb_prob)
         noisy = self.noise_prob == 1.0 or bool(rng.random() < self.noise_prob)
+        if selection and not is_ta:
+            n_int, interferers, utt_int, speed_int = 1, interferers[:1], utt_int[:1], speed_int[:1]
+            rirs, sirs, reverberant, noisy = rirs[:2], [0.0], False, False
 
         # Speech in the mixture, each convolved with its own RIR. (S, N) after stacking.
         utts = ([] if is_ta else [utt_t]) + utt_int

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from data.audio_utils import STFT
 from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
+from models.conditioning import EMBEDDING_DIM, SpeakerReference, speaker_encoder
 from models.tf_gridnet import SpeakerReinjectLayer, TFGridNetBlock
 from models.usef import FiLMLayer, USEFCrossAttention
 
@@ -58,6 +59,14 @@ class HiFiTSEArgs:
     sequence_layer: str = "lstm"
     mamba_d_state: int = 16  # SSM state size N (mamba-ssm's default)
     mamba_expand: int = 2  # inner width = mamba_expand * feature_dim (mamba-ssm's default)
+    # A frozen pretrained speaker encoder beside the learnt reference path (models/ge2e.py):
+    # "none" or "ge2e" (Resemblyzer's GE2E d-vector, added to FiLM's speaker vector and
+    # scaling and shifting the stream at every re-injection layer).
+    speaker_embedding: str = "none"
+    # Training speakers of a classification head on FiLM's learnt speaker vector (needs
+    # use_film), trained by loss.speaker_ce: a speaker-discriminative reference path. 0 = none;
+    # train.py sets it from the data when loss.speaker_ce is on.
+    n_speakers: int = 0
 
 
 # Constructor arguments that checkpoints written by earlier versions carry and the generator no
@@ -140,6 +149,8 @@ class Generator(nn.Module):
         sequence_layer: str = "lstm",
         mamba_d_state: int = 16,
         mamba_expand: int = 2,
+        speaker_embedding: str = "none",
+        n_speakers: int = 0,
     ) -> None:
         super().__init__()
         band_regions = band_regions or [[0, 1000, 10], [1000, 8000, 28], [8000, 24000, 15]]
@@ -162,12 +173,17 @@ class Generator(nn.Module):
         attn = {"feature_dim": feature_dim, "n_heads": n_heads, "qk_per_band": qk_per_band}
         self.encoder = BandSplitEncoder(bands=bands, feature_dim=feature_dim)
         self.usef = USEFCrossAttention(**attn)
-        self.film = FiLMLayer(feature_dim=feature_dim) if use_film else None
+        self.pretrained_encoder = speaker_encoder(speaker_embedding, sample_rate)
+        emb = {"embedding_dim": EMBEDDING_DIM if self.pretrained_encoder is not None else 0}
+        self.film = FiLMLayer(feature_dim=feature_dim, **emb) if use_film else None
+        if n_speakers and not use_film:
+            raise ValueError("n_speakers (a speaker head on FiLM's speaker vector) needs use_film")
+        self.speaker_head = nn.Linear(feature_dim, n_speakers) if n_speakers > 0 else None
         sequence = {"sequence_layer": sequence_layer, "lstm_hidden": lstm_hidden,
                     "mamba_d_state": mamba_d_state, "mamba_expand": mamba_expand}
         self.blocks = nn.ModuleList(TFGridNetBlock(**sequence, **attn) for _ in range(n_blocks))
         self.reinject = nn.ModuleDict(
-            {str(i): SpeakerReinjectLayer(**attn) for i in sorted(set(reinject_at))}
+            {str(i): SpeakerReinjectLayer(**attn, **emb) for i in sorted(set(reinject_at))}
         )
         self.decoder = BandMergeDecoder(
             bands=bands,
@@ -176,33 +192,43 @@ class Generator(nn.Module):
             n_bins=self.stft.n_bins,
         )
 
-    def _block(self, i: int, z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+    def _block(
+        self, i: int, z: torch.Tensor, frames: torch.Tensor, embedding: torch.Tensor | None
+    ) -> torch.Tensor:
         if str(i) in self.reinject:
-            z = self.reinject[str(i)](z, z_ref)
+            z = self.reinject[str(i)](z, frames, embedding)
         return self.blocks[i](z)
 
     def forward(
         self, mix: torch.Tensor, ref: torch.Tensor, *, with_aux: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``extract(mix, encode_reference(ref))``; with ``with_aux``, ``(estimate, {})``: the
-        generator has no auxiliary outputs (see models/registry.py).
+        """``extract(mix, encode_reference(ref))``; with ``with_aux``, ``(estimate, aux)``:
+        ``speaker_logits`` (B, n_speakers) of the reference where the model has a speaker head,
+        else an empty aux (see models/registry.py).
 
         Shape: mix (B, N), ref (B, M) -> (B, N)
         """
-        est = self.extract(mix, self.encode_reference(ref))
-        return (est, {}) if with_aux else est
+        z_ref = self.encode_reference(ref)
+        est = self.extract(mix, z_ref)
+        if not with_aux:
+            return est
+        if self.speaker_head is None:
+            return est, {}
+        return est, {"speaker_logits": self.speaker_head(self.film.speaker_vector(z_ref.frames))}
 
-    def encode_reference(self, ref: torch.Tensor) -> torch.Tensor:
+    def encode_reference(self, ref: torch.Tensor) -> SpeakerReference:
         """Embed the reference once; ``extract`` reuses it for any number of mixture windows.
 
         Shape:
-            ref (B, M) -> z_ref (B, S, K, D)
+            ref (B, M) -> frames (B, S, K, D), embedding (B, 256) or None
         """
         ref_scale = rms_scale(ref)  # (B, 1)
-        return self.encoder(self.stft(ref.float() / ref_scale))
+        frames = self.encoder(self.stft(ref.float() / ref_scale))
+        embedding = None if self.pretrained_encoder is None else self.pretrained_encoder(ref)
+        return SpeakerReference(frames, embedding)
 
     def extract(
-        self, mix: torch.Tensor, z_ref: torch.Tensor, scale: torch.Tensor | None = None
+        self, mix: torch.Tensor, z_ref: SpeakerReference, scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The target in ``mix`` given an embedded reference (``encode_reference``).
 
@@ -211,21 +237,22 @@ class Generator(nn.Module):
         by window passes one scale for every window, so the level never changes between them.
 
         Shape:
-            mix (B, N), z_ref (B, S, K, D), scale (B, 1) -> (B, N)
+            mix (B, N), z_ref (frames (B, S, K, D), embedding), scale (B, 1) -> (B, N)
         """
+        frames, embedding = z_ref
         n_samples = mix.shape[-1]
         # Scale-free input: the network sees unit-RMS signals, the estimate gets the mix's scale.
         scale = rms_scale(mix) if scale is None else scale.float()  # (B, 1)
         mix_spec = self.stft(mix.float() / scale)  # (B, F, T) complex
         z = self.encoder(mix_spec)  # (B, T, K, D)
-        z = self.usef(z, z_ref)
+        z = self.usef(z, frames)
         if self.film is not None:
-            z = self.film(z, z_ref)
+            z = self.film(z, frames, embedding)
         use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i in range(len(self.blocks)):
             if use_ckpt:
-                z = checkpoint(self._block, i, z, z_ref, use_reentrant=False)
+                z = checkpoint(self._block, i, z, frames, embedding, use_reentrant=False)
             else:
-                z = self._block(i, z, z_ref)
+                z = self._block(i, z, frames, embedding)
         est_spec = self.decoder(z, mix_spec)  # (B, F, T) complex
         return self.stft.inverse(est_spec, n_samples) * scale

@@ -69,9 +69,10 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "hifi_tse": Family("hifi_tse", HiFiTSEArgs, Generator, takes_stft=True),
+    "hifi_tse": Family("hifi_tse", HiFiTSEArgs, Generator, takes_stft=True,
+                       aux_terms=("speaker_ce",)),
     "td_speakerbeam": Family("td_speakerbeam", TDSpeakerBeamArgs, TDSpeakerBeam,
-                             takes_stft=False),
+                             takes_stft=False, aux_terms=("speaker_ce",)),
     "spex_plus": Family("spex_plus", SpExPlusArgs, SpExPlus, takes_stft=False,
                         aux_terms=("si_sdr_middle", "si_sdr_long", "speaker_ce")),
     # A spectral model with an STFT of its own (SEMambaTSEArgs), not the stft section's.

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from data.audio_utils import STFT
+from models.conditioning import EMBEDDING_DIM, SpeakerReference, speaker_encoder
 from models.generator import rms_scale
 from models.mamba import BiMamba
 from models.tf_gridnet import SpeakerReinjectLayer
@@ -68,6 +69,8 @@ class SEMambaTSEArgs:
     qk_per_band: int = 4
     reinject_at: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     use_film: bool = True
+    # A frozen pretrained speaker encoder, entering as in hifi_tse (models/ge2e.py).
+    speaker_embedding: str = "none"
 
 
 class CompressedSTFT(nn.Module):
@@ -274,6 +277,7 @@ class SEMambaTSE(nn.Module):
         qk_per_band: int = 4,
         reinject_at: list[int] | None = None,
         use_film: bool = True,
+        speaker_embedding: str = "none",
     ) -> None:
         super().__init__()
         reinject_at = list(range(n_blocks)) if reinject_at is None else list(reinject_at)
@@ -290,13 +294,15 @@ class SEMambaTSE(nn.Module):
         attn = {"feature_dim": hidden, "n_heads": n_heads, "qk_per_band": qk_per_band}
         self.encoder = DenseEncoder(**dense)
         self.usef = USEFCrossAttention(**attn)
-        self.film = FiLMLayer(feature_dim=hidden) if use_film else None
+        self.pretrained_encoder = speaker_encoder(speaker_embedding, sample_rate)
+        emb = {"embedding_dim": EMBEDDING_DIM if self.pretrained_encoder is not None else 0}
+        self.film = FiLMLayer(feature_dim=hidden, **emb) if use_film else None
         self.blocks = nn.ModuleList(
             TFMambaBlock(dim=hidden, d_state=d_state, d_conv=d_conv, expand=expand)
             for _ in range(n_blocks)
         )
         self.reinject = nn.ModuleDict(
-            {str(i): SpeakerReinjectLayer(**attn) for i in sorted(set(reinject_at))}
+            {str(i): SpeakerReinjectLayer(**attn, **emb) for i in sorted(set(reinject_at))}
         )
         self.mag_decoder = MagDecoder(**dense, n_bins=self.spectrum.n_bins, beta=beta)
         self.phase_decoder = PhaseDecoder(**dense)
@@ -312,22 +318,27 @@ class SEMambaTSE(nn.Module):
         x = torch.stack([mag, pha], dim=1).transpose(2, 3)  # (B, 2, T, F)
         return self._checkpointed(self.encoder, x).permute(0, 2, 3, 1)
 
-    def _block(self, i: int, z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+    def _block(
+        self, i: int, z: torch.Tensor, frames: torch.Tensor, embedding: torch.Tensor | None
+    ) -> torch.Tensor:
         if str(i) in self.reinject:
-            z = self.reinject[str(i)](z, z_ref)
+            z = self.reinject[str(i)](z, frames, embedding)
         return self.blocks[i](z)
 
-    def encode_reference(self, ref: torch.Tensor) -> torch.Tensor:
+    def encode_reference(self, ref: torch.Tensor) -> SpeakerReference:
         """Embed the reference once; ``extract`` reuses it for any number of mixture windows.
 
         Shape:
-            ref (B, M) -> z_ref (B, S, F', D)
+            ref (B, M) -> frames (B, S, F', D), embedding (B, 256) or None
         """
-        return self._encode(*self.spectrum.mag_phase(ref.float() / rms_scale(ref)))
+        frames = self._encode(*self.spectrum.mag_phase(ref.float() / rms_scale(ref)))
+        embedding = None if self.pretrained_encoder is None else self.pretrained_encoder(ref)
+        return SpeakerReference(frames, embedding)
 
     def _extract(
-        self, mix: torch.Tensor, z_ref: torch.Tensor, scale: torch.Tensor | None
+        self, mix: torch.Tensor, z_ref: SpeakerReference, scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        frames, embedding = z_ref
         n_samples = mix.shape[-1]
         scale = rms_scale(mix) if scale is None else scale.float()  # (B, 1)
         unit = mix.float() / scale
@@ -337,15 +348,15 @@ class SEMambaTSE(nn.Module):
         # mask on |X|) is scale-equivariant to float precision, whatever scale a windowed
         # caller passes. ``scale`` only sets the units of the aux spectra the losses compare.
         feat_mag = mix_mag / rms_scale(unit)[..., None] ** self.spectrum.compress
-        z = self.usef(self._encode(feat_mag, mix_pha), z_ref)  # (B, T, F', D)
+        z = self.usef(self._encode(feat_mag, mix_pha), frames)  # (B, T, F', D)
         if self.film is not None:
-            z = self.film(z, z_ref)
+            z = self.film(z, frames, embedding)
         use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i in range(len(self.blocks)):
             if use_ckpt:
-                z = checkpoint(self._block, i, z, z_ref, use_reentrant=False)
+                z = checkpoint(self._block, i, z, frames, embedding, use_reentrant=False)
             else:
-                z = self._block(i, z, z_ref)
+                z = self._block(i, z, frames, embedding)
         z = z.permute(0, 3, 1, 2)  # (B, D, T, F')
         mask = self._checkpointed(self.mag_decoder, z).transpose(1, 2)  # (B, F, T)
         pha = self._checkpointed(self.phase_decoder, z).transpose(1, 2)  # (B, F, T)
@@ -354,7 +365,7 @@ class SEMambaTSE(nn.Module):
         return est, {"compressed_mag": mag, "phase": pha, "scale": scale}
 
     def extract(
-        self, mix: torch.Tensor, z_ref: torch.Tensor, scale: torch.Tensor | None = None
+        self, mix: torch.Tensor, z_ref: SpeakerReference, scale: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The target in ``mix`` given an embedded reference (``encode_reference``).
 
@@ -363,7 +374,7 @@ class SEMambaTSE(nn.Module):
         by window passes one scale for every window.
 
         Shape:
-            mix (B, N), z_ref (B, S, F', D), scale (B, 1) -> (B, N)
+            mix (B, N), z_ref (frames (B, S, F', D), embedding), scale (B, 1) -> (B, N)
         """
         return self._extract(mix, z_ref, scale)[0]
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from models.conditioning import EmbeddingFusion, speaker_encoder
 from models.conv_norms import ChannelLayerNorm, GlobalLayerNorm
 from models.generator import RMS_EPS, rms_scale
 
@@ -53,6 +54,9 @@ class SpExPlusArgs:
     conv_kernel: int = 3  # depthwise kernel of a TCN block (SpEx+, as Conv-TasNet)
     # Training speakers of the classification head (101 in SpEx+ on WSJ0-2mix-extr); 0 = none.
     n_speakers: int = 0
+    # A frozen pretrained speaker encoder (models/ge2e.py): "none" or "ge2e", whose embedding
+    # is concatenated with SpEx+'s own (the TCN stacks then take D + 256 channels of it).
+    speaker_embedding: str = "none"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +298,7 @@ class SpExPlus(nn.Module):
         n_blocks: int = 8,
         conv_kernel: int = 3,
         n_speakers: int = 0,
+        speaker_embedding: str = "none",
     ) -> None:
         super().__init__()
         windows = (short_window, middle_window, long_window)
@@ -319,13 +324,18 @@ class SpExPlus(nn.Module):
             n_resnet=n_resnet,
         )
         self.speaker_head = nn.Linear(embed_dim, n_speakers) if n_speakers > 0 else None
+        self.embed_dim = embed_dim
+        self.pretrained_encoder = speaker_encoder(speaker_embedding, sample_rate)
+        self.fusion = (EmbeddingFusion(own_dim=embed_dim, mode="concat")
+                       if self.pretrained_encoder is not None else None)
+        stack_embed = embed_dim if self.fusion is None else self.fusion.out_dim
         self.mix_norm = ChannelLayerNorm(3 * n_filters)
         self.mix_proj = nn.Conv1d(3 * n_filters, bottleneck, 1)
         self.stacks = nn.ModuleList(
             TCNStack(
                 bottleneck=bottleneck,
                 hidden=hidden,
-                embed_dim=embed_dim,
+                embed_dim=stack_embed,
                 kernel=conv_kernel,
                 n_blocks=n_blocks,
             )
@@ -365,7 +375,10 @@ class SpExPlus(nn.Module):
         # floor(T / 9), so n_resnet pools keep floor(T / 3^n_resnet).
         valid_frames = ((ref_lengths - short).clamp(min=0) + stride - 1) // stride + 1  # (B,)
         n_valid = (valid_frames // pooling).clamp(min=1)
-        return self.speaker_encoder(enc, n_valid)
+        z_ref = self.speaker_encoder(enc, n_valid)
+        if self.pretrained_encoder is None:
+            return z_ref
+        return self.fusion(z_ref, self.pretrained_encoder(ref))
 
     # -- mixture ------------------------------------------------------------------------------
 
@@ -424,5 +437,6 @@ class SpExPlus(nn.Module):
             return est_short
         aux = {"est_middle": est_middle, "est_long": est_long}
         if self.speaker_head is not None:
-            aux["speaker_logits"] = self.speaker_head(z_ref)
+            # The head classifies SpEx+'s own embedding, never the frozen one.
+            aux["speaker_logits"] = self.speaker_head(z_ref[:, : self.embed_dim])
         return est_short, aux

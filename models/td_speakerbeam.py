@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from models.conditioning import EmbeddingFusion, speaker_encoder
 from models.conv_norms import GlobalLayerNorm
 from models.generator import rms_scale
 
@@ -47,6 +48,13 @@ class TDSpeakerBeamArgs:
     # first block, where the paper's Fig. 1 puts the adaptation layer; ESPnet's recipe default
     # is 7, the end of the first repeat.
     adapt_block: int = 0
+    # A frozen pretrained speaker encoder (models/ge2e.py): "none" or "ge2e", whose embedding
+    # is projected and added to the auxiliary network's before the multiplicative adaptation.
+    speaker_embedding: str = "none"
+    # Training speakers of a classification head on the auxiliary network's embedding (before
+    # the pretrained one joins it), trained by loss.speaker_ce. 0 = none; train.py sets it
+    # from the data when loss.speaker_ce is on.
+    n_speakers: int = 0
 
 
 class ConvBlock(nn.Module):
@@ -122,6 +130,8 @@ class TDSpeakerBeam(nn.Module):
         n_repeats: int = 3,
         aux_blocks: int = 8,
         adapt_block: int = 0,
+        speaker_embedding: str = "none",
+        n_speakers: int = 0,
     ) -> None:
         super().__init__()
         if not 0 < stride <= kernel:
@@ -179,6 +189,10 @@ class TDSpeakerBeam(nn.Module):
         self.aux_act = nn.PReLU()
         # A 1x1 conv before the time mean equals a linear layer after it; the latter is cheaper.
         self.aux_out = nn.Linear(bottleneck, bottleneck)
+        self.speaker_head = nn.Linear(bottleneck, n_speakers) if n_speakers > 0 else None
+        self.pretrained_encoder = speaker_encoder(speaker_embedding, sample_rate)
+        self.fusion = (EmbeddingFusion(own_dim=bottleneck, mode="add")
+                       if self.pretrained_encoder is not None else None)
 
     # ---------------------------------------------------------------------------------------
     # Reference
@@ -195,6 +209,15 @@ class TDSpeakerBeam(nn.Module):
         Shape:
             ref (B, M) -> z_ref (B, bottleneck); M >= ``kernel``
         """
+        return self._with_pretrained(self._own_embedding(ref), ref)
+
+    def _with_pretrained(self, own: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if self.pretrained_encoder is None:
+            return own
+        return self.fusion(own, self.pretrained_encoder(ref))
+
+    def _own_embedding(self, ref: torch.Tensor) -> torch.Tensor:
+        """The auxiliary network's embedding. Shape: (B, M) -> (B, bottleneck)"""
         if ref.shape[-1] < self.kernel:
             raise ValueError(f"reference of {ref.shape[-1]} samples; need >= {self.kernel}")
         x = (ref.float() / rms_scale(ref)).unsqueeze(1)  # (B, 1, M)
@@ -272,6 +295,11 @@ class TDSpeakerBeam(nn.Module):
         self, mix: torch.Tensor, ref: torch.Tensor, *, with_aux: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Shape: mix (B, N), ref (B, M) -> (B, N); ``extract(mix, encode_reference(ref))``.
-        With ``with_aux``, ``(estimate, {})``: TD-SpeakerBeam has no auxiliary outputs."""
-        est = self.extract(mix, self.encode_reference(ref))
-        return (est, {}) if with_aux else est
+        With ``with_aux``, ``(estimate, aux)``: ``speaker_logits`` (B, n_speakers) of the
+        auxiliary embedding where the model has a speaker head, else an empty aux."""
+        own = self._own_embedding(ref)
+        est = self.extract(mix, self._with_pretrained(own, ref))
+        if not with_aux:
+            return est
+        return est, ({} if self.speaker_head is None
+                     else {"speaker_logits": self.speaker_head(own)})

@@ -82,23 +82,33 @@ class FiLMLayer(nn.Module):
     formants), which is where a voice lives. So, as in x-vector statistics pooling, each band's
     mean and std over time go through a shared nonlinear layer, are averaged over bands, and
     give the scale and shift. Starts as the identity (zero-initialised output projection), so
-    FiLM can only add conditioning.
+    FiLM can only add conditioning. With ``embedding_dim`` > 0, a pretrained speaker embedding
+    (models/ge2e.py) is projected and added to the pooled speaker vector.
 
     Shape:
-        z (B, T, K, D), z_ref (B, S, K, D) -> (B, T, K, D)
+        z (B, T, K, D), z_ref (B, S, K, D), embedding (B, E) -> (B, T, K, D)
     """
 
-    def __init__(self, *, feature_dim: int) -> None:
+    def __init__(self, *, feature_dim: int, embedding_dim: int = 0) -> None:
         super().__init__()
         self.embed = nn.Sequential(nn.Linear(2 * feature_dim, feature_dim), nn.PReLU())
+        self.from_embedding = nn.Linear(embedding_dim, feature_dim) if embedding_dim else None
         self.proj = nn.Linear(feature_dim, 2 * feature_dim)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
-    def forward(self, z: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+    def speaker_vector(self, z_ref: torch.Tensor) -> torch.Tensor:
+        """The learnt speaker vector of the reference. Shape: (B, S, K, D) -> (B, D)"""
         mean = z_ref.mean(dim=1)  # (B, K, D)
         # sqrt(var + eps): finite gradient for a constant (e.g. digitally silent) reference.
         std = (z_ref - mean[:, None]).pow(2).mean(dim=1).add(STD_EPS).sqrt()
-        speaker = self.embed(torch.cat([mean, std], dim=-1)).mean(dim=1)  # (B, D)
+        return self.embed(torch.cat([mean, std], dim=-1)).mean(dim=1)
+
+    def forward(
+        self, z: torch.Tensor, z_ref: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        speaker = self.speaker_vector(z_ref)  # (B, D)
+        if self.from_embedding is not None:
+            speaker = speaker + self.from_embedding(embedding.to(speaker.dtype))
         scale, shift = self.proj(speaker).chunk(2, dim=-1)  # (B, D) each
         return z * (1 + scale[:, None, None]) + shift[:, None, None]

@@ -20,7 +20,7 @@ from torchmetrics.functional.audio import scale_invariant_signal_distortion_rati
 import evaluate
 import inference
 import train
-from config import ConfigError, load_config, model_kwargs
+from config import Config, ConfigError, load_config, model_kwargs
 from data.audio_utils import load_audio
 from evaluation import report
 from models import registry
@@ -33,6 +33,9 @@ TINY = {"hifi_tse": "tiny.yaml", "td_speakerbeam": "td_speakerbeam_tiny.yaml",
         "spex_plus": "spex_plus_tiny.yaml", "semamba": "semamba_tiny.yaml",
         "sgmse_refiner": "sgmse_refiner_tiny.yaml"}
 N_SPEAKERS = 5  # the head of families that have one, in these unit tests
+# Every family that takes a pretrained speaker embedding, once more with it (models/ge2e.py).
+WITH_GE2E = ["hifi_tse+ge2e", "td_speakerbeam+ge2e", "spex_plus+ge2e", "semamba+ge2e"]
+ARCHS = sorted(registry.FAMILIES) + WITH_GE2E
 
 
 @pytest.fixture(autouse=True)
@@ -48,9 +51,17 @@ def test_every_family_has_a_tiny_config() -> None:
     assert set(TINY) == set(registry.FAMILIES)
 
 
-def tiny(arch: str) -> torch.nn.Module:
-    cfg = load_config(REPO / "configs" / TINY[arch])
+def tiny_config(name: str) -> Config:
+    """The tiny config of ``arch`` or ``arch+ge2e`` (with ``model.speaker_embedding: ge2e``)."""
+    arch, _, extra = name.partition("+")
+    cfg = load_config(REPO / "configs" / TINY[arch],
+                      [f"model.speaker_embedding={extra}"] if extra else [])
     assert registry.arch_of(cfg.model) == arch
+    return cfg
+
+
+def tiny(name: str) -> torch.nn.Module:
+    cfg = tiny_config(name)
     if hasattr(cfg.model, "n_speakers"):
         cfg.model.n_speakers = N_SPEAKERS
     torch.manual_seed(0)
@@ -62,7 +73,7 @@ def signals(batch: int, n: int, m: int, seed: int = 0) -> tuple[torch.Tensor, to
     return 0.1 * torch.randn(batch, n, generator=gen), 0.1 * torch.randn(batch, m, generator=gen)
 
 
-@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize(("n", "m"), [(9_601, 7_203), (4_799, 12_001)])
 def test_output_has_exactly_the_mixture_length(arch: str, n: int, m: int) -> None:
     model = tiny(arch).eval()
@@ -76,7 +87,7 @@ def test_output_has_exactly_the_mixture_length(arch: str, n: int, m: int) -> Non
             assert value.shape == (2, n), name
 
 
-@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_batch_items_are_independent_in_eval(arch: str) -> None:
     model = tiny(arch).eval()
     mix, ref = signals(2, 9_600, 9_600)
@@ -87,7 +98,7 @@ def test_batch_items_are_independent_in_eval(arch: str) -> None:
     torch.testing.assert_close(both[:1], alone, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_scale_equivariance(arch: str) -> None:
     model = tiny(arch).eval()
     mix, ref = signals(1, 9_600, 9_600)
@@ -97,7 +108,7 @@ def test_scale_equivariance(arch: str) -> None:
             torch.testing.assert_close(model(a * mix, ref), a * est, atol=1e-5 * a, rtol=1e-4)
 
 
-@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_encode_once_then_extract_equals_forward(arch: str) -> None:
     model = tiny(arch).eval()
     mix, ref = signals(1, 9_600, 7_200)
@@ -111,9 +122,9 @@ def test_encode_once_then_extract_equals_forward(arch: str) -> None:
     torch.testing.assert_close(again, whole, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("arch", ARCHS)
 def test_checkpoint_round_trip_through_the_registry(arch: str, tmp_path: Path) -> None:
-    cfg = load_config(REPO / "configs" / TINY[arch])
+    cfg = tiny_config(arch)
     torch.manual_seed(0)
     args = model_kwargs(cfg)
     model = build_model(args).eval()
@@ -126,13 +137,13 @@ def test_checkpoint_round_trip_through_the_registry(arch: str, tmp_path: Path) -
         torch.testing.assert_close(again(mix, ref), model(mix, ref), atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("arch", sorted(registry.FAMILIES))
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 def test_finite_gradients_in_float32_and_bf16_autocast(arch: str, dtype: torch.dtype) -> None:
     model = tiny(arch).train()
     mix, ref = signals(2, 4_800, 4_800)
     # A family with an objective of its own (the refiner) trains through it, from the target.
-    target = {"target": 0.5 * mix} if registry.family(arch).objective else {}
+    target = {"target": 0.5 * mix} if registry.family(arch.split("+")[0]).objective else {}
     with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
         est, aux = model(mix, ref, with_aux=True, **target)
     loss = est.float().square().mean() + sum(v.float().square().mean() for v in aux.values())
@@ -142,8 +153,11 @@ def test_finite_gradients_in_float32_and_bf16_autocast(arch: str, dtype: torch.d
 
 
 def test_family_loss_terms_are_refused_for_other_families() -> None:
-    with pytest.raises(ConfigError, match=r"loss\.speaker_ce.*td_speakerbeam"):
-        load_config(REPO / "configs" / "td_speakerbeam_tiny.yaml", ["loss.speaker_ce=0.5"])
+    with pytest.raises(ConfigError, match=r"loss\.speaker_ce.*semamba"):
+        load_config(REPO / "configs" / "semamba_tiny.yaml", ["loss.speaker_ce=0.5"])
+    # The speaker head exists in the families that provide it.
+    for name in ("tiny.yaml", "td_speakerbeam_tiny.yaml", "spex_plus_tiny.yaml"):
+        load_config(REPO / "configs" / name, ["loss.speaker_ce=0.5"])
     with pytest.raises(ConfigError, match=r"model\.lstm_hidden.*spex_plus"):
         load_config(REPO / "configs" / "spex_plus_tiny.yaml", ["model.lstm_hidden=8"])
     with pytest.raises(ConfigError, match=r"model\.arch"):

@@ -178,3 +178,25 @@ def test_ladder_keys(data: DataConfig) -> None:
                 "interferer_utts"]
     with pytest.raises(ValueError, match="speaker_pair"):
         _dataset(data, speaker_pair=[names[0]])
+
+
+def test_selection_curriculum_items(data: DataConfig) -> None:
+    """The selection curriculum's items (train.selection_steps): the target and one interferer
+    at 0 dB SIR, dry and noise-free, whatever the SIR boost; the same item
+    without the flag is what it always was."""
+    train = _dataset(data, "train", max_interferers=2, min_interferers=2)
+    for i in range(4):
+        item = train[(i, 0.0, 0.0, 6.0, 1.0)]
+        assert item["n_interferers"] == 1
+        assert torch.count_nonzero(item["comp_noise"]) == 0
+        interferer = item["comp_interferers"][0]
+        torch.testing.assert_close(item["mix"], item["comp_target"] + interferer, atol=1e-6,
+                                   rtol=0)
+        torch.testing.assert_close(item["target"], item["comp_target"], atol=1e-7, rtol=0)
+        # The mixing sets levels by the RMS of the window (active speech is the swap test's).
+        sir = 10 * math.log10(float(item["comp_target"].double().square().mean()
+                                    / interferer.double().square().mean()))
+        assert abs(sir) < 1e-3
+        assert train[(i, 0.0, 0.0, 6.0, 0.0)]["n_interferers"] == 2
+        assert _checksum(train[(i, 0.3, 0.5, 2.0, 0.0)]) == pytest.approx(
+            _checksum(train[(i, 0.3, 0.5, 2.0)]), rel=1e-6)

@@ -136,8 +136,13 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
                       ["train.sir_boost_db=6.0", "train.sir_boost_steps=100"])
     assert [train.sir_boost_db(cfg, s) for s in (0, 50, 100, 500)] == [6.0, 3.0, 0.0, 0.0]
     stream = iter(train.StepSampler(start_step=50, batch_size=2, cfg=cfg))
-    assert [next(stream) for _ in range(3)] == [(100, 0.0, 0.0, 3.0), (101, 0.0, 0.0, 3.0),
-                                               (102, 0.0, 0.0, pytest.approx(2.94))]
+    assert [next(stream) for _ in range(3)] == [(100, 0.0, 0.0, 3.0, 0.0),
+                                               (101, 0.0, 0.0, 3.0, 0.0),
+                                               (102, 0.0, 0.0, pytest.approx(2.94), 0.0)]
+    # The selection curriculum flags the items of its first steps.
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.selection_steps=3"])
+    stream = iter(train.StepSampler(start_step=2, batch_size=2, cfg=cfg))
+    assert [next(stream)[4] for _ in range(4)] == [1.0, 1.0, 0.0, 0.0]
     off = load_config(REPO / "configs" / "tiny.yaml")
     assert train.sir_boost_db(off, 0) == 0.0
     with pytest.raises(ConfigError, match="sir_boost_steps"):
@@ -145,13 +150,23 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
                                        ["train.sir_boost_steps=-1"]))
 
 
+# The speaker-selection options (a frozen GE2E encoder, a speaker head and its loss, the
+# selection curriculum) on top of a base config.
+SELECTION_OPTIONS = {"model": {"speaker_embedding": "ge2e"}, "loss": {"speaker_ce": 0.5},
+                     "train": {"selection_steps": 6}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny.yaml", "td_speakerbeam_tiny.yaml",
-                                  "spex_plus_tiny.yaml"])
+                                  "spex_plus_tiny.yaml", "tiny.yaml+selection",
+                                  "td_speakerbeam_tiny.yaml+selection"])
 def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict, base: str) -> None:
     # The SIR curriculum is still running at the kill: the resumed stream must continue it.
-    settings = {"train": {"total_steps": 16, "ckpt_every": 4, "val_every": 8,
-                          "keep_checkpoints": 10, "sir_boost_db": 6.0, "sir_boost_steps": 12}}
+    base, _, options = base.partition("+")
+    extra = SELECTION_OPTIONS if options else {}
+    settings = {**extra, "train": {"total_steps": 16, "ckpt_every": 4, "val_every": 8,
+                                   "keep_checkpoints": 10, "sir_boost_db": 6.0,
+                                   "sir_boost_steps": 12, **extra.get("train", {})}}
     straight = write_config(tmp_path / "a" / "c.yaml", data_section, base, **settings)
     killed = write_config(tmp_path / "b" / "c.yaml", data_section, base, **settings)
     proc = _run_train(straight)
