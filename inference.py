@@ -1,6 +1,7 @@
 """Extract the target speaker from real recordings with a trained HiFi-TSE checkpoint.
 
     python inference.py --ckpt CKPT --mix mix.wav --ref ref.wav -o out.wav
+    python inference.py --ckpt CKPT --mix mix.wav --ref a.wav --ref b.wav -o out.wav
     python inference.py --ckpt CKPT --mix-dir MIXES --ref ref.wav --out-dir OUT
     python inference.py --ckpt CKPT --mix-dir MIXES --ref-dir REFS --out-dir OUT
     python inference.py --ckpt CKPT --list jobs.csv          # columns mix,ref,out
@@ -31,9 +32,15 @@ window and every mixture that shares it; the embeddings of the ``REF_CACHE_SIZE`
 used references are kept (about 81 MB each for 30 s at the recipe's width), so a ``--ref-dir``
 run holds a bounded number of them however many references it meets.
 
-References: the first ``MAX_REF_SECONDS`` are used; one shorter than ``MIN_REF_SECONDS`` or with
-no voice in it (``check_reference``: its loudest ``REF_FRAME_SECONDS`` frame below
-``MIN_REF_PEAK_DBFS``) is refused, since the target cannot be identified from it.
+Several references of the target (``--ref`` given more than once, with ``--mix`` or
+``--mix-dir``) are encoded one by one and pooled (``models.conditioning.pool_references``:
+reference frames side by side, pretrained speaker embeddings averaged); a longer enrolment
+tells the model more about the voice than any one utterance.
+
+References: the first ``MAX_REF_SECONDS`` of each are used; one shorter than
+``MIN_REF_SECONDS`` or with no voice in it (``check_reference``: its loudest
+``REF_FRAME_SECONDS`` frame below ``MIN_REF_PEAK_DBFS``) is refused, since the target cannot be
+identified from it.
 
 Level: the generator divides its input by the input's RMS. Normalising each window by its own
 RMS would change the gain from window to window, so a first streaming pass measures the RMS of
@@ -66,8 +73,8 @@ import math
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +84,7 @@ import torch
 from torch import nn
 
 from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
-from models.conditioning import EncodedReference
+from models.conditioning import EncodedReference, pool_references
 from models.generator import RMS_EPS, CheckpointError
 from models.pcs import pcs_stream
 from models.registry import load_model
@@ -351,6 +358,11 @@ class Job:
     mix: Path
     ref: Path
     out: Path
+    extra_refs: tuple[Path, ...] = ()  # more references of the same speaker, pooled with ref
+
+    @property
+    def refs(self) -> tuple[Path, ...]:
+        return (self.ref, *self.extra_refs)
 
 
 @dataclass
@@ -473,10 +485,12 @@ class Extractor:
         return pcs_stream(est, sr=self.sr) if self.pcs else est
 
     def extract_array(
-        self, mix: np.ndarray, ref: np.ndarray, *, ref_name: str | Path = "reference"
+        self, mix: np.ndarray, ref: np.ndarray, *, extra_refs: Sequence[np.ndarray] = (),
+        ref_name: str | Path = "reference",
     ) -> np.ndarray:
-        """The target in a mixture held in memory, given a reference held in memory, both mono
-        at the model rate: the reference check and encoding, windows and level of ``run``.
+        """The target in a mixture held in memory, given a reference held in memory (and
+        ``extra_refs`` of the same speaker, pooled with it), all mono at the model rate: the
+        reference check and encoding, windows and level of ``run``.
 
         Memory beyond the two inputs and the output is bounded as in ``run``. ``ref_name``
         names the reference in a refusal (``check_reference``).
@@ -484,7 +498,7 @@ class Extractor:
         Shape:
             mix (N,), ref (M,) -> (N,) float32
         """
-        z_ref = self._checked_embedding(ref, ref_name)
+        z_ref = self._pooled([ref, *extra_refs], ref_name)
         mix = np.asarray(mix, dtype=np.float32)
         n_samples = mix.shape[0]
         step = round(READ_BLOCK_SECONDS * self.sr)
@@ -501,7 +515,7 @@ class Extractor:
 
     def extract_chunked(
         self, mix: np.ndarray, ref: np.ndarray, *, chunk_seconds: float, overlap_seconds: float,
-        ref_name: str | Path = "reference",
+        extra_refs: Sequence[np.ndarray] = (), ref_name: str | Path = "reference",
     ) -> np.ndarray:
         """The target as a streaming system would extract it: the mixture is cut into chunks of
         ``chunk_seconds`` overlapping by ``overlap_seconds`` (the last one moved back to end at
@@ -516,7 +530,7 @@ class Extractor:
         if not 0 <= overlap < chunk:
             raise ValueError(f"chunk overlap {overlap_seconds} s must be >= 0 and shorter than "
                              f"the chunk ({chunk_seconds} s)")
-        z_ref = self._checked_embedding(ref, ref_name)
+        z_ref = self._pooled([ref, *extra_refs], ref_name)
         mix = np.asarray(mix, dtype=np.float32)
         parts = overlap_add([mix], mix.shape[0], self._window(z_ref, None), window=chunk,
                             overlap=overlap)
@@ -529,15 +543,18 @@ class Extractor:
         check_reference(ref, self.sr, ref_name)
         return self._embed(ref)
 
+    def _pooled(self, refs: Sequence[np.ndarray], ref_name: str | Path) -> EncodedReference:
+        return pool_references([self._checked_embedding(r, ref_name) for r in refs])
+
     def run(self, job: Job, *, keep_sr: bool = False) -> Result:
         """Extract ``job.mix`` given ``job.ref`` into ``job.out``; see the module docstring."""
         begin = time.perf_counter()
-        for src in (job.mix, job.ref):
+        for src in (job.mix, *job.refs):
             if job.out.resolve() == src.resolve():
                 raise InferenceError(f"{job.out}: output would overwrite its input")
         if job.out.suffix.lstrip(".").upper() not in sf.available_formats():
             raise AudioError(f"{job.out}: unsupported audio format '{job.out.suffix}'")
-        z_ref = self.reference(job.ref)
+        z_ref = pool_references([self.reference(path) for path in job.refs])
         with MonoReader(job.mix) as reader:
             # Pass 1: length, finiteness and the energy that sets the one scale of every window.
             n_in, total_energy = 0, 0.0
@@ -661,7 +678,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--mix-dir", type=Path, help="a folder of mixtures")
     source.add_argument("--list", type=Path, help="CSV file with columns mix,ref,out")
     refs = parser.add_mutually_exclusive_group()
-    refs.add_argument("--ref", type=Path, help="reference of the target speaker")
+    refs.add_argument("--ref", type=Path, action="append",
+                      help="reference of the target speaker; repeat it for several (pooled)")
     refs.add_argument("--ref-dir", type=Path, help="folder of references paired by file name")
     parser.add_argument("-o", "--out", type=Path, help="output file (with --mix)")
     parser.add_argument("--out-dir", type=Path, help="output folder (with --mix-dir)")
@@ -702,11 +720,14 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[Exception] = []
     try:
         if args.mix is not None:
-            jobs = [Job(mix=args.mix, ref=args.ref, out=args.out)]
+            jobs = [Job(mix=args.mix, ref=args.ref[0], out=args.out,
+                        extra_refs=tuple(args.ref[1:]))]
         elif args.mix_dir is not None:
             jobs, errors = folder_jobs(
-                args.mix_dir, args.out_dir, ref=args.ref, ref_dir=args.ref_dir
+                args.mix_dir, args.out_dir, ref=args.ref[0] if args.ref else None,
+                ref_dir=args.ref_dir
             )
+            jobs = [replace(job, extra_refs=tuple((args.ref or [])[1:])) for job in jobs]
         else:
             jobs = list_jobs(args.list)
         device = resolve_device(args.device)

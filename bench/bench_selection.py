@@ -36,6 +36,7 @@ from config import load_config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from evaluation.selection import fmt_ci, pair_kind, run_pairs, summarize_by_group
 from losses.separation import si_sdr_improvement
+from models.conditioning import encode_references
 from models.registry import load_model
 
 CONDITIONS = {"dry": False, "noisy": True}  # name -> swap_pair(noisy=...)
@@ -88,6 +89,8 @@ def main() -> None:
                         help="validation list entries for the own/wrong reference comparison")
     parser.add_argument("--corpus-json", type=Path, help="voices' F0 (default: found beside "
                         "the synthetic corpus)")
+    parser.add_argument("--n-refs", type=int, default=1,
+                        help="references per speaker, pooled (models.conditioning)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="demo", help="the doc/benchmarks.md section suffix")
     parser.add_argument("--no-write", action="store_true", help="leave doc/benchmarks.md alone")
@@ -101,8 +104,13 @@ def main() -> None:
     results: dict[str, Any] = {}
     rows = []
     for name, noisy in CONDITIONS.items():
-        pairs = [dataset.swap_pair(i, noisy=noisy) for i in range(args.n_pairs)]
-        scores = run_pairs(lambda mix, ref: model(mix, ref), pairs, device=device)
+        pairs = [dataset.swap_pair(i, noisy=noisy, n_refs=args.n_refs)
+                 for i in range(args.n_pairs)]
+        if args.n_refs == 1:
+            scores = run_pairs(lambda mix, ref: model(mix, ref), pairs, device=device)
+        else:  # refs (B, R, M): each encoded alone, then pooled
+            scores = run_pairs(lambda mix, refs: model.extract(
+                mix, encode_references(model, refs)), pairs, device=device)
         kinds = [pair_kind(p["speakers"], pitch) for p in pairs]
         results[name] = summarize_by_group(scores, kinds)
         for group, s in results[name].items():
@@ -123,11 +131,13 @@ def main() -> None:
             f"selection_{args.name}",
             f"## Speaker selection, {args.name} (`bench/bench_selection.py`)\n\n{machine()}; "
             f"checkpoint `{args.ckpt}`, swap pairs of the validation speakers of "
-            f"`{args.config}` at 0 dB SIR; dry: no reverberation or noise; noisy: each voice "
+            f"`{args.config}` at 0 dB SIR, {args.n_refs} reference(s) per speaker; dry: no "
+            "reverberation or noise; noisy: each voice "
             "reverberant, noise at 5 dB SNR. A model that ignores its reference scores 50 % "
             "dry; reference sensitivity -100 dB means identical outputs for both references."
             f"\n\n{table}\n\n{swap_line}\n")
     print_json({"name": args.name, "ckpt": str(args.ckpt), "config": str(args.config),
+                "n_refs": args.n_refs,
                 **results})
 
 

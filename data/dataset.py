@@ -490,13 +490,15 @@ class HiFiTSEDataset(Dataset):
             sample["comp_noise"] = torch.from_numpy(np.ascontiguousarray(noise))
         return sample
 
-    def swap_pair(self, index: int, *, noisy: bool) -> dict[str, Any]:
+    def swap_pair(self, index: int, *, noisy: bool, n_refs: int = 1) -> dict[str, Any]:
         """Swap pair ``index`` (a pure function of the seed, the index and ``noisy``): speakers
         A and B, one utterance of each in the mixture at 0 dB SIR (active-speech RMS, each at
         ``SWAP_LEVEL_DBFS``) and another of each as its reference (clean, at its own drawn
         level). ``noisy``: each voice through its own RIR, noise at ``SWAP_SNR_DB``. No speed
         perturbation. Returns ``mix`` (N,), ``sources`` (2, N): A and B as heard in the
-        mixture, ``refs`` (2, M): the references of A and B, ``speakers``: their names.
+        mixture, ``refs`` (2, M): the references of A and B, ``speakers``: their names. With
+        ``n_refs`` > 1, ``refs`` is (2, n_refs, M): the same first reference of each, then
+        further utterances (drawn after everything else, so the pair is otherwise the same).
         """
         if len(self._targets) < 2:
             raise ManifestError(f"the {self.split} split needs two speakers with two utterances "
@@ -533,6 +535,10 @@ class HiFiTSEDataset(Dataset):
                     self._reference(ref, 1.0, rng, level, False, noise_idx, 0.0)
                     for (_, ref), level in zip(utts, ref_levels, strict=True)
                 ])  # (2, M)
+                if n_refs > 1:
+                    refs = np.stack([self._more_references(first, s, used, level, n_refs, rng)
+                                     for first, s, used, level
+                                     in zip(refs, speakers, utts, ref_levels, strict=True)])
             except (_Redraw, CorruptEntryError):
                 continue
             peak = max(float(np.abs(mix).max()), float(np.abs(heard).max()))
@@ -542,6 +548,15 @@ class HiFiTSEDataset(Dataset):
                     "sources": np.ascontiguousarray(heard, dtype=np.float32), "refs": refs,
                     "speakers": [self.speech.speaker_names[s] for s in speakers]}
         raise RuntimeError(f"swap pair {index}: no usable pair in {MAX_DRAWS} draws")
+
+    def _more_references(self, first: np.ndarray, speaker: int, used: list[int], level: float,
+                         n_refs: int, rng: np.random.Generator) -> np.ndarray:
+        """``first`` and ``n_refs - 1`` more clean references of ``speaker`` at ``level``, from
+        utterances other than ``used`` where there are enough. Shape: -> (n_refs, M)"""
+        free = [u for u in self._utts[speaker] if u not in used]
+        more = rng.choice(free, size=n_refs - 1, replace=len(free) < n_refs - 1)
+        return np.stack([first, *(self._reference(int(u), 1.0, rng, level, False, 0, 0.0)
+                                  for u in more)])
 
     def _reference(
         self,

@@ -112,10 +112,12 @@ def extract_all(extractor: Extractor, sample: Sample,
         returns: prefix -> (N,) float32 with N = len(sample.mix)
     """
     name = f"{sample.id} (reference)"
-    out = {"": extractor.extract_array(sample.mix, sample.ref, ref_name=name)}
+    out = {"": extractor.extract_array(sample.mix, sample.ref, extra_refs=sample.extra_refs,
+                                       ref_name=name)}
     if settings.chunk_seconds is not None:
         out[STREAM_PREFIX] = extractor.extract_chunked(
-            sample.mix, sample.ref, chunk_seconds=settings.chunk_seconds,
+            sample.mix, sample.ref, extra_refs=sample.extra_refs,
+            chunk_seconds=settings.chunk_seconds,
             overlap_seconds=settings.chunk_overlap_seconds, ref_name=name)
     return out
 

@@ -7,8 +7,10 @@
   - flat: ``ID-mixed.wav``, ``ID-ref.wav`` and, when the target is known, ``ID-target.wav``;
   - three folders (the SpEx+ homework protocol): ``mix/ID-mixed.wav``, ``refs/ID-ref.wav``,
     ``targets/ID-target.wav``;
-  optional ``ID-interferer<K>.wav`` beside the target (interferers as heard in the mixture) and
-  ``ID.txt`` beside the mixture (or in the root folder) holding the target's transcript;
+  optional ``ID-interferer<K>.wav`` beside the target (interferers as heard in the mixture),
+  ``ID-ref<K>.wav`` beside the reference (more references of the target speaker, pooled with
+  it: ``inference.py --ref a --ref b``, K = 2, 3, ..) and ``ID.txt`` beside the mixture (or
+  in the root folder) holding the target's transcript;
 * a CSV list: rows of (mix, ref, target) paths, relative to the CSV's folder, with a header
   naming the columns ``mix``, ``ref``, ``target`` (optionally ``id``, ``transcript``) or none
   (then in that order).
@@ -58,6 +60,7 @@ log = logging.getLogger("evaluate")
 
 MIX_SUFFIX, REF_SUFFIX, TARGET_SUFFIX = "-mixed.wav", "-ref.wav", "-target.wav"
 INTERFERER = re.compile(r"^(?P<id>.+)-interferer(?P<k>\d+)\.wav$")
+EXTRA_REF = re.compile(r"^(?P<id>.+)-ref(?P<k>\d+)\.wav$")
 THREE_FOLDERS = ("mix", "refs", "targets")
 CSV_COLUMNS = ("mix", "ref", "target")
 # A target whose peak stays below this (-120 dBFS, under one 24-bit LSB) is digital silence: TA.
@@ -136,7 +139,7 @@ class Sample:
     set's conditions (``n_interferers``, ``snr_db``, ``ref_noisy``).
 
     Shape:
-        mix, target: (N,); ref: (M,); heard: (1 + K, N)
+        mix, target: (N,); ref: (M,); heard: (1 + K, N); extra_refs: each (M_k,)
     """
 
     id: str
@@ -147,6 +150,7 @@ class Sample:
     heard: np.ndarray | None = None
     transcript: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    extra_refs: tuple[np.ndarray, ...] = ()  # more references of the target, pooled with ref
 
     def scaled(self, gain: float) -> Sample:
         """The same sample with the mixture and everything compared with it times ``gain``
@@ -156,7 +160,7 @@ class Sample:
             return None if x is None else (x * gain).astype(np.float32)
 
         return Sample(self.id, times(self.mix), self.ref, times(self.target), self.condition,
-                      times(self.heard), self.transcript, self.meta)
+                      times(self.heard), self.transcript, self.meta, self.extra_refs)
 
 
 @dataclass
@@ -221,6 +225,7 @@ class SampleFiles:
     target: Path | None = None
     interferers: list[Path] = field(default_factory=list)
     transcript: str | None = None
+    extra_refs: list[Path] = field(default_factory=list)
 
 
 def _audio_seconds(path: Path) -> float:
@@ -274,7 +279,8 @@ def _load_files(files: SampleFiles, missing_target: str) -> Sample:
         heard = np.stack([target, *(_fit(p, load_audio(p), files.mix, len(mix))
                                     for p in files.interferers)])
     return Sample(id=files.id, mix=mix, ref=ref, target=target, condition=condition, heard=heard,
-                  transcript=files.transcript)
+                  transcript=files.transcript,
+                  extra_refs=tuple(_load_reference(p) for p in files.extra_refs))
 
 
 def _file_source(files: SampleFiles, missing_target: str) -> SampleSource:
@@ -284,12 +290,14 @@ def _file_source(files: SampleFiles, missing_target: str) -> SampleSource:
     if mix_seconds < MIN_MIX_SECONDS:
         raise EvalInputError(f"{files.mix}: {mix_seconds:.3f} s long, shorter than the "
                              f"{MIN_MIX_SECONDS:g} s a mixture needs to be scored")
-    _audio_seconds(files.ref)
+    for ref in (files.ref, *files.extra_refs):
+        _audio_seconds(ref)
     for path in (files.target, *files.interferers):
         if path is not None:
             _check_length(path, _audio_seconds(path), files.mix, mix_seconds)
     try:
-        read_reference(files.ref)  # refused now rather than after the samples before it ran
+        for ref in (files.ref, *files.extra_refs):
+            read_reference(ref)  # refused now rather than after the samples before it ran
     except AudioError as err:  # too short or voiceless: bad evaluation input
         raise EvalInputError(str(err)) from None
     return SampleSource(files.id, partial(_load_files, files, missing_target),
@@ -343,6 +351,10 @@ def triplet_samples(folder: Path, *, missing_target: str = "absent",
     for path in target_dir.glob("*-interferer*.wav"):
         if match := INTERFERER.match(path.name):
             interferers.setdefault(match["id"], []).append((int(match["k"]), path))
+    extra_refs: dict[str, list[tuple[int, Path]]] = {}
+    for path in ref_dir.glob("*-ref*.wav"):
+        if match := EXTRA_REF.match(path.name):
+            extra_refs.setdefault(match["id"], []).append((int(match["k"]), path))
     listing = _Listing(strict)
     ids = [m.name[: -len(MIX_SUFFIX)] for m in mixes]
     for sample_id, mix_path in zip(ids, mixes, strict=True):
@@ -364,6 +376,7 @@ def triplet_samples(folder: Path, *, missing_target: str = "absent",
             target=target_path if target_path.exists() else None,
             interferers=[p for _, p in sorted(interferers.get(sample_id, []))],
             transcript=transcript,
+            extra_refs=[p for _, p in sorted(extra_refs.get(sample_id, []))],
         ), missing_target)
     known = set(ids)
     orphans = {

@@ -8,6 +8,8 @@ models/ge2e.py) into every family's conditioning.
   identity. hifi_tse and semamba apply it at every re-injection layer (an AdaLN-style
   reminder of the speaker in front of the deep blocks); their FiLM layer adds the embedding to
   its pooled speaker vector.
+- ``pool_references`` / ``encode_references``: several references of one speaker as one
+  (``inference.py --ref a.wav --ref b.wav``, evaluate.py's extra references).
 - ``EmbeddingFusion``: the vector families (td_speakerbeam, spex_plus) combine it with their own
   reference embedding: added after a projection (TD-SpeakerBeam, before its multiplicative
   adaptation) or concatenated (SpEx+, whose TCN stacks take the wider vector).
@@ -15,6 +17,7 @@ models/ge2e.py) into every family's conditioning.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -23,7 +26,8 @@ from torch import nn
 from models.ge2e import EMBEDDING_DIM, GE2EEncoder, speaker_encoder
 
 __all__ = ["EMBEDDING_DIM", "EmbeddingFiLM", "EmbeddingFusion", "EncodedReference",
-           "GE2EEncoder", "SpeakerReference", "speaker_encoder"]
+           "GE2EEncoder", "SpeakerReference", "encode_references", "pool_references",
+           "speaker_encoder"]
 
 
 class SpeakerReference(NamedTuple):
@@ -79,3 +83,37 @@ class EmbeddingFusion(nn.Module):
         if self.proj is not None:
             return own + self.proj(e.to(own.dtype))
         return torch.cat([own, e.to(own.dtype)], dim=-1)
+
+
+def pool_references(encoded: Sequence[EncodedReference]) -> EncodedReference:
+    """Several references of one speaker, each encoded alone (``encode_reference``), as one.
+
+    A vector (td_speakerbeam, spex_plus) is averaged. A ``SpeakerReference`` has its frames
+    concatenated along time, so that USEF and the re-injection layers attend to every
+    reference and FiLM pools its statistics over all of them, and its pretrained embeddings
+    averaged and L2-normalised (Resemblyzer's ``embed_speaker``). Copies of one reference pool
+    to that reference: the same output, up to float rounding.
+
+    Shape:
+        R references of batch B -> one of batch B (frames: (B, sum S_r, K, D))
+    """
+    if not encoded:
+        raise ValueError("no references to pool")
+    if len(encoded) == 1:
+        return encoded[0]
+    if isinstance(encoded[0], SpeakerReference):
+        frames = torch.cat([r.frames for r in encoded], dim=1)
+        if encoded[0].embedding is None:
+            return SpeakerReference(frames, None)
+        mean = torch.stack([r.embedding for r in encoded]).mean(0)
+        return SpeakerReference(frames, mean / mean.norm(dim=-1, keepdim=True).clamp_min(1e-12))
+    return torch.stack(list(encoded)).mean(0)
+
+
+def encode_references(model: nn.Module, refs: torch.Tensor) -> EncodedReference:
+    """Any family's encoding of R references per item, pooled (``pool_references``).
+
+    Shape:
+        refs (B, R, M) -> an encoded reference of batch B
+    """
+    return pool_references([model.encode_reference(refs[:, r]) for r in range(refs.shape[1])])

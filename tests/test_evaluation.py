@@ -28,7 +28,7 @@ from evaluation.metrics import (
     si_sdr_db,
     speaker_confusion,
 )
-from evaluation.runner import RunSettings, load_sample, mixture_loudness
+from evaluation.runner import RunSettings, extract_all, load_sample, mixture_loudness
 from evaluation.scoring import row_of
 from evaluation.sources import (
     TA,
@@ -42,6 +42,7 @@ from evaluation.sources import (
     with_transcripts,
 )
 from inference import Extractor
+from models.conditioning import encode_references
 from models.registry import build_model, checkpoint_payload
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +226,32 @@ def test_three_folder_layout_interferers_and_transcripts(homework: Path, tmp_pat
     text.write_text("d nothing\n")
     with pytest.raises(EvalInputError, match="transcripts of unknown samples: d"):
         with_transcripts(sources, read_transcripts(text), text)
+
+
+def test_extra_references_are_read_and_pooled(
+    shared_data: Path, tiny_model: torch.nn.Module, tmp_path: Path
+) -> None:
+    """``ID-ref2.wav``, ``ID-ref3.wav`` beside ``ID-ref.wav``: more references of the target,
+    in order, pooled by the extraction (the same as the model on the pooled encodings)."""
+    target, _ = ravdess(shared_data, 1, 0)
+    other, _ = ravdess(shared_data, 2, 1)
+    refs = [ravdess(shared_data, 1, k)[0] for k in (7, 9, 11)]
+    files = {"a-mixed.wav": target + 0.8 * other, "a-target.wav": target, "a-ref.wav": refs[0],
+             "a-ref3.wav": refs[2], "a-ref2.wav": refs[1], "b-mixed.wav": target,
+             "b-ref.wav": refs[0]}
+    for name, wave in files.items():
+        sf.write(tmp_path / name, wave, SR, subtype="FLOAT")
+    sources, skipped = triplet_samples(tmp_path)
+    assert not skipped
+    a, b = (s.load() for s in sources)
+    assert len(a.extra_refs) == 2
+    assert b.extra_refs == ()
+    np.testing.assert_allclose(a.extra_refs[1], refs[2], atol=1e-7)  # ordered by K
+    estimate = extract_all(Extractor(tiny_model), a, RunSettings())[""]
+    with torch.inference_mode():
+        pooled = encode_references(tiny_model, torch.from_numpy(np.stack(refs))[None])
+        expected = tiny_model.extract(torch.from_numpy(a.mix)[None], pooled)[0].numpy()
+    np.testing.assert_allclose(estimate, expected, atol=1e-5)
 
 
 @pytest.fixture(scope="module")

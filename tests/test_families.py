@@ -24,6 +24,7 @@ from config import Config, ConfigError, load_config, model_kwargs
 from data.audio_utils import load_audio
 from evaluation import report
 from models import registry
+from models.conditioning import encode_references
 from models.generator import rms_scale
 from models.registry import build_model, checkpoint_payload, load_model
 from tests.packed_data import packed_subset
@@ -120,6 +121,20 @@ def test_encode_once_then_extract_equals_forward(arch: str) -> None:
         again = model.extract(mix, z_ref)  # the embedding is reusable
     torch.testing.assert_close(windowed, whole, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(again, whole, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_three_copies_of_one_reference_give_that_reference(arch: str) -> None:
+    model = tiny(arch).eval()
+    mix, ref = signals(2, 9_600, 7_200)
+    other = signals(2, 9_600, 7_200, seed=1)[1]
+    with torch.no_grad():
+        alone = model.extract(mix, model.encode_reference(ref))
+        three = model.extract(mix, encode_references(model, ref[:, None].repeat(1, 3, 1)))
+        mixed = model.extract(mix, encode_references(model, torch.stack([ref, other], 1)))
+    # Float rounding only: attention and statistics over three times the frames.
+    torch.testing.assert_close(three, alone, atol=1e-5, rtol=1e-3)
+    assert not torch.allclose(mixed, alone, atol=1e-4)  # another reference does count
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -200,3 +200,16 @@ def test_selection_curriculum_items(data: DataConfig) -> None:
         assert train[(i, 0.0, 0.0, 6.0, 0.0)]["n_interferers"] == 2
         assert _checksum(train[(i, 0.3, 0.5, 2.0, 0.0)]) == pytest.approx(
             _checksum(train[(i, 0.3, 0.5, 2.0)]), rel=1e-6)
+
+
+def test_swap_pairs_with_several_references(data: DataConfig,
+                                            pairs: dict[bool, list[dict]]) -> None:
+    """``n_refs`` > 1 keeps the pair and its first reference and adds other utterances."""
+    dataset = _dataset(data)
+    for i in range(3):
+        multi = dataset.swap_pair(i, noisy=False, n_refs=3)
+        one = pairs[False][i]
+        assert multi["refs"].shape == (2, 3, one["refs"].shape[-1])
+        np.testing.assert_array_equal(multi["mix"], one["mix"])
+        np.testing.assert_array_equal(multi["refs"][:, 0], one["refs"])
+        assert not np.allclose(multi["refs"][:, 1], multi["refs"][:, 0])
