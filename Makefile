@@ -27,12 +27,24 @@ ARCH ?= hifi_tse
 DEMO_CORPUS_ARGS ?=  # e.g. --n-train 8: a smaller synthetic corpus (tests/test_demo.py)
 DEMO_EVAL_ARGS ?=  # e.g. --n-samples 20
 DEMO_SEL_ARGS ?=  # e.g. --n-pairs 10 --n-samples 20 (bench/bench_selection.py)
+# A mechanism to try: DEMO_SETS are config overrides for train.py, DEMO_VARIANT names them, and
+# the run, evaluation and doc/benchmarks.md sections get the name, e.g.
+#   make demo DEMO_VARIANT=ge2e DEMO_SETS="model.speaker_embedding=ge2e"
+DEMO_VARIANT ?=
+DEMO_SETS ?=
+ifneq ($(DEMO_SETS),)
+ifeq ($(DEMO_VARIANT),)
+$(error DEMO_SETS needs DEMO_VARIANT, a name for its run and results)
+endif
+endif
+VARIANT_SUFFIX := $(if $(DEMO_VARIANT),_$(DEMO_VARIANT))
 # Results of a non-default budget go to their own doc/benchmarks.md sections.
 ARCH_SUFFIX := $(if $(filter hifi_tse,$(ARCH)),,_$(ARCH))
 BUDGET_SUFFIX := $(if $(DEMO_STEPS),_$(DEMO_STEPS)steps)$(if $(DEMO_MINUTES),_$(DEMO_MINUTES)min)
-DEMO_TAG := $(DEMO)$(ARCH_SUFFIX)$(BUDGET_SUFFIX)
+DEMO_TAG := $(DEMO)$(ARCH_SUFFIX)$(VARIANT_SUFFIX)$(BUDGET_SUFFIX)
 BUDGET_SETS := $(if $(DEMO_STEPS),--set train.total_steps=$(DEMO_STEPS)) \
-	$(if $(DEMO_MINUTES),--set train.max_minutes=$(DEMO_MINUTES))
+	$(if $(DEMO_MINUTES),--set train.max_minutes=$(DEMO_MINUTES)) \
+	$(foreach s,$(DEMO_SETS),--set $(s))
 BUDGET_ARGS := $(if $(DEMO_STEPS),--steps $(DEMO_STEPS)) \
 	$(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))
 ifeq ($(DEMO),shared)
@@ -46,8 +58,8 @@ DEMO_TEST_CFG := configs/demo_test.yaml
 endif
 RAVDESS := $(abspath ../shared/data/speech/ravdess)
 ARCH_CFG := $(if $(ARCH_SUFFIX),--config configs/demo_$(ARCH).yaml)
-RUN := $(DEMO_DIR)/run$(ARCH_SUFFIX)
-EVAL := $(DEMO_DIR)/eval$(ARCH_SUFFIX)
+RUN := $(DEMO_DIR)/run$(ARCH_SUFFIX)$(VARIANT_SUFFIX)
+EVAL := $(DEMO_DIR)/eval$(ARCH_SUFFIX)$(VARIANT_SUFFIX)
 
 $(STAMP): requirements.txt
 	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
@@ -84,8 +96,10 @@ endif
 		--name $(DEMO_TAG) $(DEMO_SEL_ARGS) > $(EVAL)/selection.txt
 	cat $(EVAL)/selection.txt
 	$(PY) inference.py --ckpt $(RUN)/best.pt --mix $(EVAL)/examples/median_mix.wav \
-		--ref $(EVAL)/examples/median_ref.wav -o $(DEMO_DIR)/extracted$(ARCH_SUFFIX).wav
-	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --arch $(ARCH) $(BUDGET_ARGS)
+		--ref $(EVAL)/examples/median_ref.wav \
+		-o $(DEMO_DIR)/extracted$(ARCH_SUFFIX)$(VARIANT_SUFFIX).wav
+	$(PY) bench/demo_report.py --dir $(DEMO_DIR) --name $(DEMO) --arch $(ARCH) $(BUDGET_ARGS) \
+		$(if $(DEMO_VARIANT),--variant $(DEMO_VARIANT) --sets "$(DEMO_SETS)")
 
 bench: $(INSTALL)
 	$(PY) bench/bench_model.py

@@ -66,8 +66,12 @@ def main() -> None:
     parser.add_argument("--arch", default=DEFAULT_ARCH, help="the model family (Makefile ARCH)")
     parser.add_argument("--steps", type=int, help="DEMO_STEPS, when it replaced the default")
     parser.add_argument("--minutes", help="DEMO_MINUTES, when a wall-clock cap was set")
+    parser.add_argument("--variant", help="DEMO_VARIANT: the name of the DEMO_SETS overrides")
+    parser.add_argument("--sets", default="", help="DEMO_SETS, the variant's overrides")
     args = parser.parse_args()
-    suffix = "" if args.arch == DEFAULT_ARCH else f"_{args.arch}"
+    suffix = ("" if args.arch == DEFAULT_ARCH else f"_{args.arch}") + (
+        f"_{args.variant}" if args.variant else "")
+    label = args.arch + (f"+{args.variant}" if args.variant else "")
     # The Makefile's BUDGET_SUFFIX: the default budget (each family's own steps) has its own
     # sections; any other budget gets more, so a long run never overwrites the default result
     # the README talks about.
@@ -102,8 +106,10 @@ def main() -> None:
     print(table)
     key = f"demo_{args.name}{suffix}{budget}"
     demo = "make demo" + (" DEMO=shared" if args.name == "shared" else "")
-    command = demo + (f" ARCH={args.arch}" if suffix else "") + budget_flags(args.steps,
-                                                                          args.minutes)
+    command = (demo + (f" ARCH={args.arch}" if args.arch != DEFAULT_ARCH else "")
+               + budget_flags(args.steps, args.minutes)
+               + (f' DEMO_VARIANT={args.variant} DEMO_SETS="{args.sets}"' if args.variant
+                  else ""))
     write_section(
         key,
         f"## `{command}` (unseen test speakers)\n\n{machine()}; CPU training for "
@@ -113,7 +119,8 @@ def main() -> None:
     )
 
     # The families side by side: every family's row of this demo and budget found on disk.
-    row = {"arch": args.arch, "budget": budget, "params": summary["generator_params"],
+    row = {"arch": label, "sets": args.sets, "budget": budget,
+           "params": summary["generator_params"],
            "step_time": step_time, "steps": step, "wall_s": wall,
            "si_sdri": metrics.get("si_sdri"), "ta_suppression_db": metrics.get("ta_suppression_db"),
            "si_sdri_wrong_ref": swap.get("own_vs_wrong_ref", {}).get("wrong"),
