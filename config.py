@@ -90,6 +90,11 @@ class DataConfig:
     # [target, interferer]: two training speakers, always these two (one interferer, the
     # validation items too): speaker-dependent separation, in which the reference is irrelevant.
     speaker_pair: list[str] = field(default_factory=list)
+    # Virtual training speakers: for each factor f, a copy of every training speaker whose
+    # speech plays f times faster (its pitch and formants, i.e. its vocal-tract length, scaled
+    # by f) is a speaker of its own, which the others meet as an interferer (Yamamoto et al.,
+    # speed perturbation as speaker augmentation). E.g. [0.85, 1.15] triples the speakers.
+    virtual_speakers: list[float] = field(default_factory=list)
     n_val_samples: int = 200
     seed: int = 1234
     num_workers: int = 4

@@ -817,7 +817,7 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(cfg.model, "n_speakers", None) == 0 and cfg.loss.speaker_ce:
         # A classification head over the training speakers (the batch's speaker_class): its
         # size comes from the data, and the resolved config and model_args record it.
-        cfg.model.n_speakers = len(train_set.speech.speaker_names)
+        cfg.model.n_speakers = len(train_set.speaker_names)
     if master:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
     if cfg.train.deterministic:

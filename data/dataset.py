@@ -200,6 +200,7 @@ class HiFiTSEDataset(Dataset):
         reverb_prob: float = 1.0,
         noise_prob: float = 1.0,
         speaker_pair: tuple[str, str] | list[str] = (),
+        virtual_speakers: tuple[float, ...] | list[float] = (),
         return_components: bool = False,
     ) -> None:
         super().__init__()
@@ -215,6 +216,9 @@ class HiFiTSEDataset(Dataset):
         if len(speaker_pair) not in (0, 2):
             raise ValueError(f"speaker_pair names a target and an interferer speaker, got "
                              f"{list(speaker_pair)}")
+        if any(not 0.5 <= f <= 2.0 or f == 1.0 for f in virtual_speakers):
+            raise ValueError(f"virtual_speakers factors must be in [0.5, 2] and not 1, got "
+                             f"{list(virtual_speakers)}")
         if not 1 <= min_interferers <= max_interferers:
             raise ValueError(
                 f"need 1 <= min_interferers <= max_interferers, got "
@@ -255,6 +259,16 @@ class HiFiTSEDataset(Dataset):
             self.speech.speakers[order], np.arange(len(self.speech.speaker_names) + 1)
         )
         self._utts = [order[bounds[s] : bounds[s + 1]] for s in range(len(bounds) - 1)]
+        # Speaker s plays its utterances self._speed[s] times faster; virtual training speakers
+        # (copies of the real ones at other speeds) follow the real ones.
+        self.speaker_names = list(self.speech.speaker_names)
+        self._speed = [1.0] * len(self._utts)
+        if split == "train":
+            real = list(zip(self.speaker_names, self._utts, strict=True))
+            for f in virtual_speakers:
+                self.speaker_names += [f"{name}@x{f:g}" for name, _ in real]
+                self._utts += [utts for _, utts in real]
+                self._speed += [float(f)] * len(real)
         self._targets = np.array([s for s, u in enumerate(self._utts) if len(u) >= 2])
         n_speakers = len(self._utts)
         if len(self._targets) == 0 or n_speakers < 2:
@@ -392,8 +406,8 @@ class HiFiTSEDataset(Dataset):
             n_int, interferers = 1, [interferer]
         utt_t, utt_ref = (int(u) for u in rng.choice(self._utts[spk_t], size=2, replace=False))
         utt_int = [int(rng.choice(self._utts[s])) for s in interferers]
-        speed_t = _uniform(rng, self.speed_perturb)
-        speed_int = [_uniform(rng, self.speed_perturb) for _ in interferers]
+        speed_t = _uniform(rng, self.speed_perturb) * self._speed[spk_t]
+        speed_int = [_uniform(rng, self.speed_perturb) * self._speed[s] for s in interferers]
         rirs = [int(i) for i in rng.integers(0, len(self.rirs), size=1 + n_int)]
         noise_idx, ref_noise_idx = (int(i) for i in rng.integers(0, len(self.noise), size=2))
         level = _uniform(rng, self.level_db)
@@ -474,7 +488,7 @@ class HiFiTSEDataset(Dataset):
             "n_interferers": n_int,
             "snr_db": snr,
             "speed": speed_t,
-            "speaker": self.speech.speaker_names[spk_t],
+            "speaker": self.speaker_names[spk_t],
             # The reference speaker's class among the sorted training speakers, for families
             # with a speaker-classification head; unseen (validation) speakers have none.
             "speaker_class": spk_t if self.split == "train" else -1,
@@ -546,7 +560,7 @@ class HiFiTSEDataset(Dataset):
                 mix, heard = mix * (self.peak_limit / peak), heard * (self.peak_limit / peak)
             return {"mix": np.ascontiguousarray(mix, dtype=np.float32),
                     "sources": np.ascontiguousarray(heard, dtype=np.float32), "refs": refs,
-                    "speakers": [self.speech.speaker_names[s] for s in speakers]}
+                    "speakers": [self.speaker_names[s] for s in speakers]}
         raise RuntimeError(f"swap pair {index}: no usable pair in {MAX_DRAWS} draws")
 
     def _more_references(self, first: np.ndarray, speaker: int, used: list[int], level: float,
@@ -751,6 +765,7 @@ def dataset_kwargs(d: DataConfig, split: str, *, rank: int = 0) -> dict[str, Any
         "reverb_prob": d.reverb_prob,
         "noise_prob": d.noise_prob,
         "speaker_pair": d.speaker_pair,
+        "virtual_speakers": d.virtual_speakers,
     }
 
 

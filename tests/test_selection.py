@@ -213,3 +213,21 @@ def test_swap_pairs_with_several_references(data: DataConfig,
         np.testing.assert_array_equal(multi["mix"], one["mix"])
         np.testing.assert_array_equal(multi["refs"][:, 0], one["refs"])
         assert not np.allclose(multi["refs"][:, 1], multi["refs"][:, 0])
+
+
+def test_virtual_speakers(data: DataConfig) -> None:
+    """data.virtual_speakers: every training speaker once more per factor, its speech played
+    that much faster (so shorter, higher), a class of its own; validation keeps real voices."""
+    real = _dataset(data, "train")
+    virtual = _dataset(data, "train", virtual_speakers=[0.8])
+    n = len(real.speaker_names)
+    assert virtual.speaker_names[n:] == [f"{s}@x0.8" for s in real.speaker_names]
+    assert len(_dataset(data, "val", virtual_speakers=[0.8]).speaker_names) == len(
+        _dataset(data, "val").speaker_names)
+    items = [virtual[(i, 0.0, 0.0)] for i in range(12)]
+    shifted = [it for it in items if it["speaker"].endswith("@x0.8")]
+    assert shifted, "about half of the draws should be virtual speakers"
+    assert all(it["speaker_class"] >= n for it in shifted)
+    assert all(0.8 * 0.9 - 1e-6 <= it["speed"] <= 0.8 * 1.1 + 1e-6 for it in shifted)
+    with pytest.raises(ValueError, match="virtual_speakers"):
+        _dataset(data, "train", virtual_speakers=[1.0])
