@@ -10,6 +10,10 @@ equal to one process running the same micro-steps on the combined batch.
 ``gan``: the GAN phase, with every batch of rank 0 target-absent and rank 1's mixed. Every rank
 must run the same collectives (a rank that skipped the discriminator would hang gloo here and
 NCCL on a GPU), and both ranks must end with identical generator and discriminator weights.
+
+``validate``: ``train.validate`` with unequal shares, rank 0 two validation batches and every
+swap pair, rank 1 one batch and no pair: its one all-reduce must run on both ranks and give
+what one process computes on everything.
 """
 
 from __future__ import annotations
@@ -143,13 +147,37 @@ def check_gan(report: dict, rank: int, world: int) -> None:
     })
 
 
+def check_validate(report: dict, rank: int, world: int) -> None:
+    cfg = load_config(REPO / "configs" / "tiny.yaml")
+    device = torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)
+    nets = train.build_nets(cfg, device)
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for b in range(3):
+        mix, ref, target = (torch.randn(PER_RANK, N_SAMPLES, generator=gen) for _ in range(3))
+        batches.append(batch_of(mix, ref, target, torch.arange(PER_RANK) == b % 2))
+    n_pairs = 3
+    pairs = {"mix": torch.randn(n_pairs, N_SAMPLES, generator=gen),
+             "refs": torch.randn(n_pairs, 2, N_SAMPLES, generator=gen),
+             "sources": torch.randn(n_pairs, 2, N_SAMPLES, generator=gen)}
+    no_pairs = {k: v[:0] for k, v in pairs.items()}
+    mine = batches[:2] if rank == 0 else batches[2:]
+    shared, _ = train.validate(nets, cfg, mine, autocast=contextlib.nullcontext(), ddp=True,
+                               pairs=pairs if rank == 0 else no_pairs)
+    alone, _ = train.validate(nets, cfg, batches, autocast=contextlib.nullcontext(), ddp=False,
+                              pairs=pairs)
+    report.update({"world": world, "shared": shared, "alone": alone})
+
+
 def main() -> None:
     out, mode = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "grads")
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
     report: dict = {"mode": mode}
-    {"grads": check_grads, "gan": check_gan}[mode](report, rank, world)
+    {"grads": check_grads, "gan": check_gan, "validate": check_validate}[mode](report, rank,
+                                                                               world)
     if rank == 0:
         out.write_text(json.dumps(report))
     dist.destroy_process_group()

@@ -280,6 +280,18 @@ def test_ddp_gan_phase_with_an_all_target_absent_rank(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_ddp_validation_with_a_rank_without_swap_pairs(tmp_path: Path) -> None:
+    # Rank 1 holds one validation batch and no swap pair: validation's one all-reduce still
+    # runs on both ranks (else gloo hangs), and the figures are those of one process on all.
+    report = _run_ddp_check(tmp_path, "validate")
+    shared, alone = report["shared"], report["alone"]
+    assert set(shared) == set(alone)
+    for key, value in alone.items():
+        assert shared[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    assert 0.0 <= shared["select_acc"] <= 1.0
+
+
+@pytest.mark.slow
 def test_gan_phase_survives_all_target_absent_batches(tmp_path: Path, data_section: dict) -> None:
     short = {**data_section, "segment_seconds": 0.5, "ref_seconds": 0.5, "ta_prob": 1.0}
     cfg = write_config(
