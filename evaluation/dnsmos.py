@@ -33,7 +33,8 @@ from importlib.resources import files
 import numpy as np
 import onnxruntime as ort
 
-from evaluation.signal import float64_blocks, resample_into
+from evaluation.signal import energy as signal_energy
+from evaluation.signal import resample_into
 
 DNSMOS_SR = 16_000  # the models' input rate
 INPUT_SECONDS = 9.01  # window length of the P.835 model (speechmos: INPUT_LENGTH)
@@ -101,8 +102,7 @@ def _at_16k(wave: np.ndarray, sr: int, level_dbfs: float | None) -> np.ndarray:
     """
     gain = 1.0
     if level_dbfs is not None:
-        energy = sum(float(np.dot(b, b)) for b in float64_blocks(wave))
-        rms = math.sqrt(energy / len(wave))
+        rms = math.sqrt(signal_energy(wave) / len(wave))
         if rms > 0:
             gain = 10.0 ** (level_dbfs / 20.0) / rms
     # The second clip catches the resampler's overshoot near full scale (Gibbs ripple).

@@ -27,7 +27,7 @@ from data.audio_utils import SAMPLE_RATE, AudioError
 from evaluation.isolation import Failure, Job, WorkerPool, merge_part, write_item
 from evaluation.metrics import STREAM_PREFIX, MetricSettings, reference_sensitivity, si_sdr_db
 from evaluation.scoring import UNITS, nan_row, score, units_of
-from evaluation.signal import BLOCK_SAMPLES
+from evaluation.signal import energy
 from evaluation.sources import TP, EvalInputError, Sample, SampleSource, Skipped, one_line
 from inference import Extractor, InferenceError
 
@@ -67,18 +67,13 @@ def mixture_loudness(mix: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
         np.asarray(mix, dtype=np.float64)))
 
 
-def _energy(wave: np.ndarray) -> float:
-    return sum(float(np.sum(np.square(wave[i : i + BLOCK_SAMPLES], dtype=np.float64)))
-               for i in range(0, len(wave), BLOCK_SAMPLES))
-
-
 def target_to_interferer_db(sample: Sample) -> float | None:
     """The target's level over its loudest interferer, as heard in the mixture (dB); None
     unless the sample's interferers are known."""
     if sample.condition != TP or sample.heard is None or len(sample.heard) < 2:
         return None
-    loudest = max(_energy(h) for h in sample.heard[1:])
-    target = _energy(sample.heard[0])
+    loudest = max(energy(h) for h in sample.heard[1:])
+    target = energy(sample.heard[0])
     return 10 * math.log10(target / loudest) if target > 0 and loudest > 0 else None
 
 

@@ -53,6 +53,12 @@ def float64_blocks(wave: np.ndarray, block: int | None = None) -> Iterator[np.nd
         yield np.asarray(wave[start : start + block], dtype=np.float64)
 
 
+def energy(wave: np.ndarray) -> float:
+    """Sum of squares of a 1-D signal of any length, in float64 ``BLOCK_SAMPLES`` blocks (memory
+    one block)."""
+    return sum(float(np.dot(b, b)) for b in float64_blocks(wave))
+
+
 def resampled_blocks(
     wave: np.ndarray, sr: int, rate: int, *, before: BlockFn | None = None,
     block: int | None = None,
