@@ -151,9 +151,9 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
 
 
 # The speaker-selection options (a frozen GE2E encoder, a speaker head and its loss, the
-# selection curriculum) on top of a base config.
+# selection curriculum, virtual speakers) on top of a base config.
 SELECTION_OPTIONS = {"model": {"speaker_embedding": "ge2e"}, "loss": {"speaker_ce": 0.5},
-                     "train": {"selection_steps": 6}}
+                     "train": {"selection_steps": 6}, "data": {"virtual_speakers": [0.85]}}
 
 
 @pytest.mark.slow
@@ -167,8 +167,10 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict, base:
     settings = {**extra, "train": {"total_steps": 16, "ckpt_every": 4, "val_every": 8,
                                    "keep_checkpoints": 10, "sir_boost_db": 6.0,
                                    "sir_boost_steps": 12, **extra.get("train", {})}}
-    straight = write_config(tmp_path / "a" / "c.yaml", data_section, base, **settings)
-    killed = write_config(tmp_path / "b" / "c.yaml", data_section, base, **settings)
+    data = {**data_section, **extra.get("data", {})}
+    settings.pop("data", None)
+    straight = write_config(tmp_path / "a" / "c.yaml", data, base, **settings)
+    killed = write_config(tmp_path / "b" / "c.yaml", data, base, **settings)
     proc = _run_train(straight)
     assert proc.wait(timeout=600) == 0, proc.stderr.read()
 
@@ -195,6 +197,11 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict, base:
     for i in state_a:
         assert torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"])
     assert "resumed step=" in (tmp_path / "b" / "run" / "train.log").read_text()
+    if options:  # the options were on: the head trained, on the virtual speakers' classes too
+        assert "speaker_ce" in log_lines(tmp_path / "b" / "run")[-1]
+        copies = 1 + len(SELECTION_OPTIONS["data"]["virtual_speakers"])
+        assert a["model_args"]["n_speakers"] % copies == 0
+        assert a["model_args"]["n_speakers"] >= 2 * copies
 
 
 @pytest.mark.slow
