@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.audio_utils import STFT
-from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
+from data.dataset import SELECTION_TWINS, HiFiTSEDataset, dataset_kwargs, seed_worker
 from data.manifest import ManifestError
 from evaluation.selection import swap_batch, swap_scores
 from losses.adversarial import (
@@ -114,7 +114,9 @@ class StepSampler(Sampler):
         while True:
             step = index // self.batch_size
             ta_prob, noisy_ref_prob = phase_probs(self.cfg, step)
-            selection = float(step < self.cfg.train.selection_steps)
+            selection = 0.0
+            if step < self.cfg.train.selection_steps:
+                selection = float(SELECTION_TWINS if self.cfg.train.selection_twins else 1)
             yield index, ta_prob, noisy_ref_prob, sir_boost_db(self.cfg, step), selection
             index += 1
 
@@ -170,6 +172,9 @@ def check_config(cfg: Config) -> None:
     for name in ("sir_boost_steps", "selection_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+    if t.selection_twins and t.batch_size % 2:
+        raise ConfigError(f"train.selection_twins pairs the items of a batch: batch_size must "
+                          f"be even, got {t.batch_size}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
 

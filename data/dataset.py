@@ -135,6 +135,10 @@ def _convolved(spec: np.ndarray, response: np.ndarray, rir: _Rir, n: int) -> np.
     return sfft.irfft(spec * response, rir.n_fft)[rir.length - 1 : rir.length - 1 + n]
 
 
+# The selection curriculum's value in the sampler tuple when its items come as twins.
+SELECTION_TWINS = 2
+
+
 def active_rms(x: np.ndarray) -> float:
     """RMS over the active 10 ms frames of ``x`` (within ``ACTIVE_RANGE_DB`` of the loudest);
     0 for silence. Shape: x (N,)."""
@@ -350,22 +354,26 @@ class HiFiTSEDataset(Dataset):
     # ---- sampling ------------------------------------------------------------------------
 
     def __getitem__(self, item: int | tuple[float, ...]) -> dict[str, Any]:
-        sir_boost, selection = 0.0, False
+        sir_boost, selection = 0.0, 0
         if isinstance(item, tuple):  # (index, ta_prob, noisy_ref_prob[, sir_boost_db[, sel]])
             index, ta_prob, noisy_ref_prob = int(item[0]), float(item[1]), float(item[2])
             sir_boost = float(item[3]) if len(item) > 3 else 0.0
-            selection = len(item) > 4 and bool(item[4])
+            selection = int(item[4]) if len(item) > 4 else 0
         else:
             index, ta_prob, noisy_ref_prob = int(item), self.ta_prob, self.noisy_ref_prob
+        # Selection twins (selection 2): an odd index is its even neighbour's mixture with the
+        # roles of the two voices exchanged.
+        twin = selection == SELECTION_TWINS and index % 2 == 1
+        drawn = index - 1 if twin else index
         if self.split == "val":
-            words = [self.seed, _VAL_STREAM, 0, 0, index]
+            words = [self.seed, _VAL_STREAM, 0, 0, drawn]
         else:
-            words = [self.seed, _TRAIN_STREAM, self.rank, self.epoch, index]
+            words = [self.seed, _TRAIN_STREAM, self.rank, self.epoch, drawn]
         n_corrupt = 0
         for attempt in range(MAX_DRAWS):
             rng = np.random.default_rng([*words, attempt])
             try:
-                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost, selection)
+                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost, selection, twin)
             except CorruptEntryError as err:
                 n_corrupt += 1
                 self.n_corrupt += 1
@@ -386,13 +394,16 @@ class HiFiTSEDataset(Dataset):
         ta_prob: float,
         noisy_ref_prob: float,
         sir_boost: float,
-        selection: bool = False,
+        selection: int = 0,
+        twin: bool = False,
     ) -> dict[str, Any]:
         """Draw everything first (a fixed order of draws), then read and mix. ``sir_boost``
         (dB) is added to the drawn SIRs of target-present samples after the draws, so a boosted
         sample is the unboosted one with quieter interferers. ``selection`` (the selection
         curriculum, ``train.selection_steps``) then keeps the target and its first interferer
-        only, at exactly 0 dB SIR, dry and noise-free."""
+        only, at exactly 0 dB SIR, dry and noise-free; with ``SELECTION_TWINS`` the
+        interferer's reference utterance is drawn too, and ``twin`` gives the same mixture
+        with the interferer as the target and its own reference."""
         n = self.segment_samples
         is_ta = bool(rng.random() < ta_prob)
         ref_noisy = bool(rng.random() < noisy_ref_prob)
@@ -418,9 +429,13 @@ class HiFiTSEDataset(Dataset):
         # Drawn only below 1, so that the default configuration draws what it always drew.
         reverberant = self.reverb_prob == 1.0 or bool(rng.random() < self.reverb_prob)
         noisy = self.noise_prob == 1.0 or bool(rng.random() < self.noise_prob)
+        twin = twin and not is_ta
         if selection and not is_ta:
             n_int, interferers, utt_int, speed_int = 1, interferers[:1], utt_int[:1], speed_int[:1]
             rirs, sirs, reverberant, noisy = rirs[:2], [0.0], False, False
+            if selection == SELECTION_TWINS:
+                free = [u for u in self._utts[interferers[0]] if u != utt_int[0]]
+                utt_ref_int = int(rng.choice(free)) if free else utt_int[0]
 
         # Speech in the mixture, each convolved with its own RIR. (S, N) after stacking.
         utts = ([] if is_ta else [utt_t]) + utt_int
@@ -478,6 +493,10 @@ class HiFiTSEDataset(Dataset):
                 mix * g, target * g, comp_target * g, comp_int * g, noise * g
             )
 
+        if twin:  # the other voice is the target: its source, its reference, its identity
+            spk_t, utt_t, utt_ref, speed_t, utt_int = (interferers[0], utt_int[0], utt_ref_int,
+                                                       speed_int[0], [utt_t])
+            target, comp_target, comp_int = comp_int[0].copy(), comp_int[0], comp_target[None]
         ref = self._reference(utt_ref, speed_t, rng, ref_level, ref_noisy, ref_noise_idx, ref_snr)
         sample: dict[str, Any] = {
             "mix": torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32)),

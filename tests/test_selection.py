@@ -231,3 +231,22 @@ def test_virtual_speakers(data: DataConfig) -> None:
     assert all(0.8 * 0.9 - 1e-6 <= it["speed"] <= 0.8 * 1.1 + 1e-6 for it in shifted)
     with pytest.raises(ValueError, match="virtual_speakers"):
         _dataset(data, "train", virtual_speakers=[1.0])
+
+
+def test_selection_twins(data: DataConfig) -> None:
+    """Twins (train.selection_twins): the odd item is its even neighbour's mixture with the
+    other voice as the target, with that voice's own reference and identity."""
+    train = _dataset(data, "train")
+    for i in (0, 2, 4):
+        first, second = train[(i, 0.0, 0.0, 0.0, 2.0)], train[(i + 1, 0.0, 0.0, 0.0, 2.0)]
+        torch.testing.assert_close(first["mix"], second["mix"], atol=0, rtol=0)
+        torch.testing.assert_close(first["target"], second["comp_interferers"][0], atol=0,
+                                   rtol=0)
+        torch.testing.assert_close(second["target"], first["comp_interferers"][0], atol=0,
+                                   rtol=0)
+        assert first["speaker"] != second["speaker"]
+        assert second["interferer_utts"] == first["target_utt"]
+        assert second["ref_utt"] != second["target_utt"]
+        # Keys are "<source>/<speaker folder>/<utterance>": another utterance of the same voice.
+        assert second["ref_utt"].rsplit("/", 1)[0] == second["target_utt"].rsplit("/", 1)[0]
+        assert not torch.equal(first["ref"], second["ref"])

@@ -143,6 +143,12 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.selection_steps=3"])
     stream = iter(train.StepSampler(start_step=2, batch_size=2, cfg=cfg))
     assert [next(stream)[4] for _ in range(4)] == [1.0, 1.0, 0.0, 0.0]
+    cfg = load_config(REPO / "configs" / "tiny.yaml",
+                      ["train.selection_steps=3", "train.selection_twins=true"])
+    assert next(iter(train.StepSampler(start_step=0, batch_size=2, cfg=cfg)))[4] == 2.0
+    with pytest.raises(ConfigError, match="selection_twins"):
+        train.check_config(load_config(REPO / "configs" / "tiny.yaml", [
+            "train.selection_twins=true", "train.batch_size=3"]))
     off = load_config(REPO / "configs" / "tiny.yaml")
     assert train.sir_boost_db(off, 0) == 0.0
     with pytest.raises(ConfigError, match="sir_boost_steps"):
