@@ -161,11 +161,12 @@ class TrainConfig:
     # two-speaker mixtures at exactly 0 dB SIR, dry and noise-free (the learning ladder's rung
     # 2), where only the reference tells which voice to keep; the full mixtures follow.
     selection_steps: int = 0
-    # ... with its items in twins: every second item is the one before with the two voices'
-    # roles exchanged (the other voice as the target, with its own reference), so each batch
-    # holds both answers to the same mixture and ignoring the reference cannot lower the loss.
-    # Needs an even batch_size.
-    selection_twins: bool = False
+    # Twins for the first twin_steps steps: every second item is the one before with the
+    # roles of the target and its first interferer exchanged (that voice as the target, made
+    # as target_type makes targets, with its own reference), so each batch holds two answers
+    # to the same mixture and ignoring the reference cannot lower the loss. Any mixture: the
+    # selection curriculum's or the full ones. Needs an even batch_size.
+    twin_steps: int = 0
     precision: str = "bf16"  # fp32 | bf16 | fp16 (fp16 only on CUDA, with a GradScaler)
     log_every: int = 100
     val_every: int = 5000

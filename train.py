@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.audio_utils import STFT
-from data.dataset import SELECTION_TWINS, HiFiTSEDataset, dataset_kwargs, seed_worker
+from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
 from data.manifest import ManifestError
 from evaluation.selection import swap_batch, swap_scores
 from losses.adversarial import (
@@ -96,8 +96,9 @@ def log_events(path: Path, first_word: str = "step") -> list[dict[str, str]]:
 
 
 class StepSampler(Sampler):
-    """An endless stream of ``(index, ta_prob, noisy_ref_prob, sir_boost_db, selection)`` for
-    ``HiFiTSEDataset`` (``selection`` 1.0 in the selection curriculum's steps, else 0.0).
+    """An endless stream of ``(index, ta_prob, noisy_ref_prob, sir_boost_db, selection,
+    twins)`` for ``HiFiTSEDataset`` (``selection``: 1.0 in the selection curriculum's steps;
+    ``twins``: 1.0 in ``twin_steps``).
 
     Sample ``i`` belongs to micro-step ``i // batch_size``, and the phase schedule of that step
     is baked into the index, so the stream is a function of the step alone: a resumed run (or a
@@ -109,15 +110,14 @@ class StepSampler(Sampler):
         self.batch_size = batch_size
         self.cfg = cfg
 
-    def __iter__(self) -> Iterator[tuple[int, float, float, float, float]]:
+    def __iter__(self) -> Iterator[tuple[int, float, float, float, float, float]]:
         index = self.start
         while True:
             step = index // self.batch_size
             ta_prob, noisy_ref_prob = phase_probs(self.cfg, step)
-            selection = 0.0
-            if step < self.cfg.train.selection_steps:
-                selection = float(SELECTION_TWINS if self.cfg.train.selection_twins else 1)
-            yield index, ta_prob, noisy_ref_prob, sir_boost_db(self.cfg, step), selection
+            selection = float(step < self.cfg.train.selection_steps)
+            twins = float(step < self.cfg.train.twin_steps)
+            yield index, ta_prob, noisy_ref_prob, sir_boost_db(self.cfg, step), selection, twins
             index += 1
 
 
@@ -169,12 +169,12 @@ def check_config(cfg: Config) -> None:
         if getattr(t, name) % accum:
             raise ConfigError(f"train.{name}={getattr(t, name)} is not a multiple of "
                               f"optim.grad_accum={accum}")
-    for name in ("sir_boost_steps", "selection_steps"):
+    for name in ("sir_boost_steps", "selection_steps", "twin_steps"):
         if getattr(t, name) < 0:
             raise ConfigError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-    if t.selection_twins and t.batch_size % 2:
-        raise ConfigError(f"train.selection_twins pairs the items of a batch: batch_size must "
-                          f"be even, got {t.batch_size}")
+    if t.twin_steps and t.batch_size % 2:
+        raise ConfigError(f"train.twin_steps pairs the items of a batch: batch_size must be "
+                          f"even, got {t.batch_size}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
 

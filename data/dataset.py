@@ -135,10 +135,6 @@ def _convolved(spec: np.ndarray, response: np.ndarray, rir: _Rir, n: int) -> np.
     return sfft.irfft(spec * response, rir.n_fft)[rir.length - 1 : rir.length - 1 + n]
 
 
-# The selection curriculum's value in the sampler tuple when its items come as twins.
-SELECTION_TWINS = 2
-
-
 def active_rms(x: np.ndarray) -> float:
     """RMS over the active 10 ms frames of ``x`` (within ``ACTIVE_RANGE_DB`` of the loudest);
     0 for silence. Shape: x (N,)."""
@@ -354,26 +350,40 @@ class HiFiTSEDataset(Dataset):
     # ---- sampling ------------------------------------------------------------------------
 
     def __getitem__(self, item: int | tuple[float, ...]) -> dict[str, Any]:
-        sir_boost, selection = 0.0, 0
-        if isinstance(item, tuple):  # (index, ta_prob, noisy_ref_prob[, sir_boost_db[, sel]])
+        sir_boost, selection, twins = 0.0, False, False
+        if isinstance(item, tuple):
+            # (index, ta_prob, noisy_ref_prob[, sir_boost_db[, selection[, twins]]])
             index, ta_prob, noisy_ref_prob = int(item[0]), float(item[1]), float(item[2])
             sir_boost = float(item[3]) if len(item) > 3 else 0.0
-            selection = int(item[4]) if len(item) > 4 else 0
+            selection = len(item) > 4 and bool(item[4])
+            twins = len(item) > 5 and bool(item[5])
         else:
             index, ta_prob, noisy_ref_prob = int(item), self.ta_prob, self.noisy_ref_prob
-        # Selection twins (selection 2): an odd index is its even neighbour's mixture with the
-        # roles of the two voices exchanged.
-        twin = selection == SELECTION_TWINS and index % 2 == 1
-        drawn = index - 1 if twin else index
+        # Twins: an odd index is its even neighbour's mixture with the roles of the target and
+        # the first interferer exchanged (a target-absent neighbour has no twin: the odd index
+        # is then drawn on its own).
+        twin = twins and index % 2 == 1
+        sample = self._draw(index - 1 if twin else index, ta_prob, noisy_ref_prob, sir_boost,
+                            selection, twins, twin)
+        if twin and sample["is_ta"]:
+            sample = self._draw(index, ta_prob, noisy_ref_prob, sir_boost, selection, twins,
+                                False)
+        sample["index"] = index
+        return sample
+
+    def _draw(self, index: int, ta_prob: float, noisy_ref_prob: float, sir_boost: float,
+              selection: bool, twins: bool, twin: bool) -> dict[str, Any]:
+        """Item ``index``'s draws (``_build``), drawn again after a corrupt entry."""
         if self.split == "val":
-            words = [self.seed, _VAL_STREAM, 0, 0, drawn]
+            words = [self.seed, _VAL_STREAM, 0, 0, index]
         else:
-            words = [self.seed, _TRAIN_STREAM, self.rank, self.epoch, drawn]
+            words = [self.seed, _TRAIN_STREAM, self.rank, self.epoch, index]
         n_corrupt = 0
         for attempt in range(MAX_DRAWS):
             rng = np.random.default_rng([*words, attempt])
             try:
-                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost, selection, twin)
+                sample = self._build(rng, ta_prob, noisy_ref_prob, sir_boost, selection, twins,
+                                     twin)
             except CorruptEntryError as err:
                 n_corrupt += 1
                 self.n_corrupt += 1
@@ -394,16 +404,18 @@ class HiFiTSEDataset(Dataset):
         ta_prob: float,
         noisy_ref_prob: float,
         sir_boost: float,
-        selection: int = 0,
+        selection: bool = False,
+        twins: bool = False,
         twin: bool = False,
     ) -> dict[str, Any]:
         """Draw everything first (a fixed order of draws), then read and mix. ``sir_boost``
         (dB) is added to the drawn SIRs of target-present samples after the draws, so a boosted
         sample is the unboosted one with quieter interferers. ``selection`` (the selection
         curriculum, ``train.selection_steps``) then keeps the target and its first interferer
-        only, at exactly 0 dB SIR, dry and noise-free; with ``SELECTION_TWINS`` the
-        interferer's reference utterance is drawn too, and ``twin`` gives the same mixture
-        with the interferer as the target and its own reference."""
+        only, at exactly 0 dB SIR, dry and noise-free. ``twins`` (``train.twin_steps``) draws
+        the first interferer's reference utterance too, and ``twin`` gives the same mixture
+        with that interferer as the target (as ``target_type`` makes a target) and its own
+        reference."""
         n = self.segment_samples
         is_ta = bool(rng.random() < ta_prob)
         ref_noisy = bool(rng.random() < noisy_ref_prob)
@@ -429,31 +441,32 @@ class HiFiTSEDataset(Dataset):
         # Drawn only below 1, so that the default configuration draws what it always drew.
         reverberant = self.reverb_prob == 1.0 or bool(rng.random() < self.reverb_prob)
         noisy = self.noise_prob == 1.0 or bool(rng.random() < self.noise_prob)
-        twin = twin and not is_ta
         if selection and not is_ta:
             n_int, interferers, utt_int, speed_int = 1, interferers[:1], utt_int[:1], speed_int[:1]
             rirs, sirs, reverberant, noisy = rirs[:2], [0.0], False, False
-            if selection == SELECTION_TWINS:
-                free = [u for u in self._utts[interferers[0]] if u != utt_int[0]]
-                utt_ref_int = int(rng.choice(free)) if free else utt_int[0]
+        if twins and not is_ta:
+            free = [u for u in self._utts[interferers[0]] if u != utt_int[0]]
+            utt_ref_int = int(rng.choice(free)) if free else utt_int[0]
 
         # Speech in the mixture, each convolved with its own RIR. (S, N) after stacking.
         utts = ([] if is_ta else [utt_t]) + utt_int
         speeds = ([] if is_ta else [speed_t]) + speed_int
         rir_ids = rirs[1:] if is_ta else rirs
+        # The voice whose target signal is made: the first, or the twin's first interferer.
+        lead = 1 if twin else 0
         sources, target_sig = [], None
         for k, (u, f, r) in enumerate(zip(utts, speeds, rir_ids, strict=True)):
             if not reverberant:  # dry: the speech as recorded, whatever the target type
                 sources.append(self._speech_window(u, f, rng, pre=0, n=n))
-                target_sig = sources[0] if k == 0 and not is_ta else target_sig
+                target_sig = sources[lead] if k == lead and not is_ta else target_sig
                 continue
             rir = self._rir(r)
             window = self._speech_window(u, f, rng, pre=rir.length - 1, n=n)  # (n + R - 1,)
             spec = sfft.rfft(window, rir.n_fft)
             sources.append(_convolved(spec, rir.spectrum, rir, n))
-            if k == 0 and not is_ta:
+            if k == lead and not is_ta:
                 if self.target_type == "reverberant":
-                    target_sig = sources[0]
+                    target_sig = sources[lead]
                 elif self.target_type == "early":
                     target_sig = _convolved(spec, rir.early_spectrum, rir, n)
                 else:  # dry: delayed like the direct path, whose energy is 1
@@ -475,7 +488,7 @@ class HiFiTSEDataset(Dataset):
         target = (
             np.zeros(n, dtype=np.float32)
             if is_ta
-            else (gains[0] * target_sig).astype(np.float32)
+            else (gains[lead] * target_sig).astype(np.float32)
         )
         speech = np.sum(sources, axis=0, dtype=np.float32)
         noise = (self._noise_at(noise_idx, rng, n, _energy(speech), snr) if noisy
@@ -483,8 +496,8 @@ class HiFiTSEDataset(Dataset):
         mix = speech + noise
 
         # One gain for every signal whose sum or part forms the mixture.
-        comp_target = np.zeros(n, dtype=np.float32) if is_ta else sources[0]
-        comp_int = np.stack(sources[0 if is_ta else 1 :])  # (K, n)
+        comp_target = np.zeros(n, dtype=np.float32) if is_ta else sources[lead]
+        comp_int = np.stack([s for k, s in enumerate(sources) if is_ta or k != lead])  # (K, n)
         peak = max(np.abs(mix).max(), np.abs(target).max(), np.abs(comp_int).max(),
                    np.abs(comp_target).max(), np.abs(noise).max())
         if peak > self.peak_limit:
@@ -493,10 +506,9 @@ class HiFiTSEDataset(Dataset):
                 mix * g, target * g, comp_target * g, comp_int * g, noise * g
             )
 
-        if twin:  # the other voice is the target: its source, its reference, its identity
-            spk_t, utt_t, utt_ref, speed_t, utt_int = (interferers[0], utt_int[0], utt_ref_int,
-                                                       speed_int[0], [utt_t])
-            target, comp_target, comp_int = comp_int[0].copy(), comp_int[0], comp_target[None]
+        if twin:  # the other voice is the target: its reference and its identity
+            spk_t, utt_t, utt_ref, speed_t, utt_int = (
+                interferers[0], utt_int[0], utt_ref_int, speed_int[0], [utt_t, *utt_int[1:]])
         ref = self._reference(utt_ref, speed_t, rng, ref_level, ref_noisy, ref_noise_idx, ref_snr)
         sample: dict[str, Any] = {
             "mix": torch.from_numpy(np.ascontiguousarray(mix, dtype=np.float32)),

@@ -233,19 +233,27 @@ def test_virtual_speakers(data: DataConfig) -> None:
         _dataset(data, "train", virtual_speakers=[1.0])
 
 
-def test_selection_twins(data: DataConfig) -> None:
-    """Twins (train.selection_twins): the odd item is its even neighbour's mixture with the
-    other voice as the target, with that voice's own reference and identity."""
-    train = _dataset(data, "train")
+@pytest.mark.parametrize("selection", [1.0, 0.0])
+def test_twins(data: DataConfig, selection: float) -> None:
+    """Twins (train.twin_steps): the odd item is its even neighbour's mixture with its first
+    interferer as the target, with that voice's own reference and identity; in the selection
+    curriculum's mixtures (dry, 0 dB) and in the full ones (reverberant, noisy, the target as
+    target_type makes it)."""
+    train = _dataset(data, "train", max_interferers=2)
     for i in (0, 2, 4):
-        first, second = train[(i, 0.0, 0.0, 0.0, 2.0)], train[(i + 1, 0.0, 0.0, 0.0, 2.0)]
+        first, second = (train[(j, 0.0, 0.0, 0.0, selection, 1.0)] for j in (i, i + 1))
+        assert (first["index"], second["index"]) == (i, i + 1)
         torch.testing.assert_close(first["mix"], second["mix"], atol=0, rtol=0)
-        torch.testing.assert_close(first["target"], second["comp_interferers"][0], atol=0,
-                                   rtol=0)
-        torch.testing.assert_close(second["target"], first["comp_interferers"][0], atol=0,
-                                   rtol=0)
+        torch.testing.assert_close(second["comp_target"], first["comp_interferers"][0],
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(first["comp_target"], second["comp_interferers"][0],
+                                   atol=0, rtol=0)
+        torch.testing.assert_close(first["comp_interferers"][1:],
+                                   second["comp_interferers"][1:], atol=0, rtol=0)
+        if selection or train.target_type == "reverberant":  # the target is the voice as heard
+            torch.testing.assert_close(second["target"], second["comp_target"], atol=0, rtol=0)
         assert first["speaker"] != second["speaker"]
-        assert second["interferer_utts"] == first["target_utt"]
+        assert second["interferer_utts"].split("|")[0] == first["target_utt"]
         assert second["ref_utt"] != second["target_utt"]
         # Keys are "<source>/<speaker folder>/<utterance>": another utterance of the same voice.
         assert second["ref_utt"].rsplit("/", 1)[0] == second["target_utt"].rsplit("/", 1)[0]

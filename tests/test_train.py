@@ -136,19 +136,19 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
                       ["train.sir_boost_db=6.0", "train.sir_boost_steps=100"])
     assert [train.sir_boost_db(cfg, s) for s in (0, 50, 100, 500)] == [6.0, 3.0, 0.0, 0.0]
     stream = iter(train.StepSampler(start_step=50, batch_size=2, cfg=cfg))
-    assert [next(stream) for _ in range(3)] == [(100, 0.0, 0.0, 3.0, 0.0),
-                                               (101, 0.0, 0.0, 3.0, 0.0),
-                                               (102, 0.0, 0.0, pytest.approx(2.94), 0.0)]
+    assert [next(stream) for _ in range(3)] == [(100, 0.0, 0.0, 3.0, 0.0, 0.0),
+                                               (101, 0.0, 0.0, 3.0, 0.0, 0.0),
+                                               (102, 0.0, 0.0, pytest.approx(2.94), 0.0, 0.0)]
     # The selection curriculum flags the items of its first steps.
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.selection_steps=3"])
     stream = iter(train.StepSampler(start_step=2, batch_size=2, cfg=cfg))
     assert [next(stream)[4] for _ in range(4)] == [1.0, 1.0, 0.0, 0.0]
-    cfg = load_config(REPO / "configs" / "tiny.yaml",
-                      ["train.selection_steps=3", "train.selection_twins=true"])
-    assert next(iter(train.StepSampler(start_step=0, batch_size=2, cfg=cfg)))[4] == 2.0
-    with pytest.raises(ConfigError, match="selection_twins"):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.twin_steps=2"])
+    stream = iter(train.StepSampler(start_step=1, batch_size=2, cfg=cfg))
+    assert [next(stream)[4:] for _ in range(4)] == [(0.0, 1.0)] * 2 + [(0.0, 0.0)] * 2
+    with pytest.raises(ConfigError, match="twin_steps"):
         train.check_config(load_config(REPO / "configs" / "tiny.yaml", [
-            "train.selection_twins=true", "train.batch_size=3"]))
+            "train.twin_steps=5", "train.batch_size=3"]))
     off = load_config(REPO / "configs" / "tiny.yaml")
     assert train.sir_boost_db(off, 0) == 0.0
     with pytest.raises(ConfigError, match="sir_boost_steps"):
@@ -157,9 +157,10 @@ def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
 
 
 # The speaker-selection options (a frozen GE2E encoder, a speaker head and its loss, the
-# selection curriculum, virtual speakers) on top of a base config.
+# selection curriculum, twins, virtual speakers) on top of a base config.
 SELECTION_OPTIONS = {"model": {"speaker_embedding": "ge2e"}, "loss": {"speaker_ce": 0.5},
-                     "train": {"selection_steps": 6}, "data": {"virtual_speakers": [0.85]}}
+                     "train": {"selection_steps": 6, "twin_steps": 10},
+                     "data": {"virtual_speakers": [0.85]}}
 
 
 @pytest.mark.slow
