@@ -56,6 +56,24 @@ def pitch_table(cfg_path: Path, explicit: Path | None) -> dict[str, float] | Non
     return None
 
 
+def swap_test(model: torch.nn.Module, dataset: HiFiTSEDataset, n_pairs: int,
+              pitch: dict[str, float] | None, *, device: torch.device, n_refs: int = 1,
+              conditions: tuple[str, ...] = tuple(CONDITIONS)) -> dict[str, Any]:
+    """``summarize_by_group`` of the first ``n_pairs`` swap pairs per condition."""
+    results = {}
+    for name in conditions:
+        pairs = [dataset.swap_pair(i, noisy=CONDITIONS[name], n_refs=n_refs)
+                 for i in range(n_pairs)]
+        if n_refs == 1:
+            scores = run_pairs(lambda mix, ref: model(mix, ref), pairs, device=device)
+        else:  # refs (B, R, M): each encoded alone, then pooled
+            scores = run_pairs(lambda mix, refs: model.extract(
+                mix, encode_references(model, refs)), pairs, device=device)
+        kinds = [pair_kind(p["speakers"], pitch) for p in pairs]
+        results[name] = summarize_by_group(scores, kinds)
+    return results
+
+
 def own_vs_wrong(model: torch.nn.Module, dataset: HiFiTSEDataset, n: int,
                  device: torch.device) -> dict[str, Any]:
     """SI-SDRi of the validation list's target-present samples with their own reference and
@@ -101,18 +119,10 @@ def main() -> None:
     dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val"), "length": args.n_samples})
     model = load_model(args.ckpt).to(device).eval()
     pitch = pitch_table(args.config, args.corpus_json)
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = swap_test(model, dataset, args.n_pairs, pitch, device=device,
+                                        n_refs=args.n_refs)
     rows = []
-    for name, noisy in CONDITIONS.items():
-        pairs = [dataset.swap_pair(i, noisy=noisy, n_refs=args.n_refs)
-                 for i in range(args.n_pairs)]
-        if args.n_refs == 1:
-            scores = run_pairs(lambda mix, ref: model(mix, ref), pairs, device=device)
-        else:  # refs (B, R, M): each encoded alone, then pooled
-            scores = run_pairs(lambda mix, refs: model.extract(
-                mix, encode_references(model, refs)), pairs, device=device)
-        kinds = [pair_kind(p["speakers"], pitch) for p in pairs]
-        results[name] = summarize_by_group(scores, kinds)
+    for name in CONDITIONS:
         for group, s in results[name].items():
             rows.append([name, group, str(s["n_pairs"]), fmt_ci(s, "select_acc", ".0f", 100),
                          fmt_ci(s, "si_sdri", "+.2f"), fmt_ci(s, "ref_sens_db", "+.1f")])
