@@ -441,6 +441,7 @@ class HiFiTSEDataset(Dataset):
         # Drawn only below 1, so that the default configuration draws what it always drew.
         reverberant = self.reverb_prob == 1.0 or bool(rng.random() < self.reverb_prob)
         noisy = self.noise_prob == 1.0 or bool(rng.random() < self.noise_prob)
+        twin = twin and not is_ta  # a target-absent item has no twin (__getitem__ draws anew)
         if selection and not is_ta:
             n_int, interferers, utt_int, speed_int = 1, interferers[:1], utt_int[:1], speed_int[:1]
             rirs, sirs, reverberant, noisy = rirs[:2], [0.0], False, False

@@ -258,3 +258,9 @@ def test_twins(data: DataConfig, selection: float) -> None:
         # Keys are "<source>/<speaker folder>/<utterance>": another utterance of the same voice.
         assert second["ref_utt"].rsplit("/", 1)[0] == second["target_utt"].rsplit("/", 1)[0]
         assert not torch.equal(first["ref"], second["ref"])
+
+    # A target-absent neighbour has no twin: the odd item is drawn on its own.
+    for i in (0, 2):
+        first, second = (train[(j, 1.0, 0.0, 0.0, selection, 1.0)] for j in (i, i + 1))
+        assert first["is_ta"]
+        assert not torch.equal(first["mix"], second["mix"])
