@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,13 +38,8 @@ WITH_GE2E = ["hifi_tse+ge2e", "td_speakerbeam+ge2e", "spex_plus+ge2e", "semamba+
 ARCHS = sorted(registry.FAMILIES) + WITH_GE2E
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny convolutions on 2 shared cores: a second thread only contends (10x slower, measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_family_has_a_tiny_config() -> None:

@@ -4,7 +4,6 @@ batch-independent, level-free, and carried by checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 EMBEDDING_ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def voice(seconds: float, f0: float, sr: int = 16_000, seed: int = 0) -> np.ndarray:

@@ -5,7 +5,6 @@ generator with ``model.sequence_layer=mamba`` keeping the family contract."""
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,13 +27,8 @@ LENGTHS = [1, 2, 3, 7, 16, 53, 100, 401]
 NEW_KEYS = ("sequence_layer", "mamba_d_state", "mamba_expand")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Small tensors on 2 shared cores: a second thread only contends.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------

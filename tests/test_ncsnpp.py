@@ -5,7 +5,6 @@ off, bf16 autocast, the internal padding, a state-dict rebuild and the documente
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,12 +28,8 @@ DEFAULT_PARAMS, RECIPE_PARAMS, TINY_PARAMS = 64_476_034, 16_144_834, 45_314
 T_EPS = 0.03  # sgmse's smallest diffusion time
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(**overrides: object) -> NCSNpp:

@@ -6,7 +6,7 @@ gradients and bf16 autocast."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -26,13 +26,8 @@ MS_RTOL = 0.06
 OUVE_PARAMS = [{}, {"theta": 2.0, "sigma_min": 0.1, "sigma_max": 1.0}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny tensors on 2 shared cores: a second thread only contends.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def seeded_noise(seeds: list[int]) -> Noise:

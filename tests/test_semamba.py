@@ -6,7 +6,6 @@ steps are in tests/test_families.py."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -18,12 +17,8 @@ N_FFT, HOP = 256, 64
 TERMS = ("compressed_mag", "antiwrap_phase", "compressed_complex", "consistency")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ refusals. The registry contract (length, scale, windows, bf16) is tests/test_fam
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,12 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "sgmse_refiner_tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread per test (conftest.py): small tensors on shared cores only contend.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def first_stage_ckpt(tmp_path: Path, seed: int = 3) -> tuple[Path, torch.nn.Module]:
