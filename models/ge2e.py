@@ -164,6 +164,7 @@ class GE2EEncoder(nn.Module):
         self.register_buffer("taps", lowpass_taps(self.factor), persistent=False)
         # Whether the weights are the pretrained ones (a checkpoint carries this flag).
         self.register_buffer("loaded", torch.tensor(False))
+        self._checked_loaded = False  # set once ``loaded`` was seen True (forward)
         state = pretrained_state()
         if state is not None:
             self.load_state_dict({**state, "loaded": torch.tensor(True)})
@@ -192,11 +193,14 @@ class GE2EEncoder(nn.Module):
         return raw / raw.norm(dim=1, keepdim=True).clamp_min(NORM_EPS)
 
     def forward(self, ref: torch.Tensor) -> torch.Tensor:
-        if not bool(self.loaded):
+        # Checked once: bool() of a device buffer is a host sync, which a training step
+        # must not pay every time.
+        if not self._checked_loaded and not bool(self.loaded):
             raise RuntimeError(
                 "the GE2E speaker encoder has no pretrained weights: install resemblyzer (it "
                 "ships them) or load a checkpoint that holds them"
             )
+        self._checked_loaded = True
         with torch.no_grad(), torch.autocast(ref.device.type, enabled=False):
             wav = self.to_16k(ref.float())  # (B, T)
             if wav.shape[-1] < WINDOW_SAMPLES:
