@@ -52,8 +52,9 @@ from config import (
     load_config,
     to_dict,
 )
-from data.audio_utils import SAMPLE_RATE, AudioError
 from data.manifest import ManifestError
+from dsp.audio import SAMPLE_RATE, AudioError
+from dsp.files import write_text_atomic
 from evaluation import report
 from evaluation.isolation import WorkerError
 from evaluation.metrics import PESQ_MODES, MetricSettings
@@ -369,9 +370,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     result = {**info, **summary,
               "skipped": [{"id": k.id, "problem": k.problem} for k in skipped],
               "failures": [{"id": r["id"], "notes": r["notes"]} for r in rows if r.get("notes")]}
-    report.write_text(out_dir / report.SUMMARY_NAME,
+    write_text_atomic(out_dir / report.SUMMARY_NAME,
                       json.dumps(report.json_safe(result), indent=2, allow_nan=False) + "\n")
-    report.write_text(out_dir / report.REPORT_NAME,
+    write_text_atomic(out_dir / report.REPORT_NAME,
                       report.render_report(info, summary, rows, columns))
     means = {m: s["mean"] for m, s in summary["metrics"].items()}
     log.info("SI-SDRi %s dB, PESQ %s, STOI %s, TA suppression %s dB -> %s",

@@ -83,9 +83,10 @@ import soxr
 import torch
 from torch import nn
 
-from data.audio_utils import SAMPLE_RATE, AudioError, atomic_writer
+from dsp.audio import SAMPLE_RATE, AudioError, atomic_writer
+from dsp.level import RMS_EPS
 from models.conditioning import EncodedReference, pool_references
-from models.generator import RMS_EPS, CheckpointError
+from models.generator import CheckpointError
 from models.pcs import pcs_stream
 from models.registry import load_model
 from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
@@ -135,7 +136,7 @@ def resampled_length(n_samples: int, sr_in: int, sr_out: int) -> int:
 class MonoReader:
     """An audio file read block by block as mono float32 at its own rate.
 
-    Raises ``AudioError`` (naming the file) for the cases ``data.audio_utils.read_audio``
+    Raises ``AudioError`` (naming the file) for the cases ``dsp.audio.read_audio``
     rejects: missing, unreadable, empty, non-finite samples.
     """
 

@@ -39,9 +39,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
-from data.audio_utils import STFT
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
 from data.manifest import ManifestError
+from dsp.files import atomic_path
+from dsp.stft import STFT
 from evaluation.selection import swap_batch, swap_scores
 from losses.adversarial import (
     discriminator_loss,
@@ -203,9 +204,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomic: a killed write leaves the previous file intact, never half a checkpoint."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
 
 
 # ---------------------------------------------------------------------------------------------

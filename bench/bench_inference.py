@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config, model_kwargs
-from data.audio_utils import SAMPLE_RATE, load_audio
+from dsp.audio import SAMPLE_RATE, load_audio
 from inference import OVERLAP_SECONDS, WINDOW_SECONDS, Extractor, Job
 from models.registry import build_model, checkpoint_payload, load_model
 

@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, markdown_table, print_json, write_section
 from config import Config, load_config
-from data.audio_utils import STFT
 from data.dataset import HiFiTSEDataset, dataset_kwargs
+from dsp.stft import STFT
 from losses.separation import si_sdr_improvement
 
 REPO = Path(__file__).resolve().parents[1]

@@ -81,8 +81,8 @@ import train  # noqa: E402
 from bench.bench_model import BUDGET_GIB  # noqa: E402
 from bench.report import machine, markdown_table, print_json, write_section  # noqa: E402
 from config import Config, LossConfig, load_config, model_kwargs  # noqa: E402
-from data.audio_utils import SAMPLE_RATE  # noqa: E402
 from data.demo_corpus import coloured_noise, random_voice, synthesize  # noqa: E402
+from dsp.audio import SAMPLE_RATE  # noqa: E402
 from losses.separation import si_sdr_loss  # noqa: E402
 from models.registry import build_model, checkpoint_payload  # noqa: E402
 from train import log_events  # noqa: E402

@@ -7,11 +7,12 @@ import json
 import os
 import platform
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dsp.files import write_text_atomic
 
 BENCH_DOC = Path(__file__).resolve().parents[1] / "doc" / "benchmarks.md"
 HEADER = (
@@ -41,11 +42,7 @@ def write_section(name: str, body: str, path: Path = BENCH_DOC) -> None:
     text = path.read_text() if path.exists() else HEADER
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.DOTALL)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text}\n{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".benchmarks.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def print_json(result: dict[str, Any]) -> None:

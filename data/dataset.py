@@ -79,9 +79,9 @@ from scipy import fft as sfft
 from torch.utils.data import Dataset
 
 from config import DataConfig
-from data.audio_utils import SAMPLE_RATE
 from data.hdf5_store import CorruptEntryError, H5Reader
 from data.manifest import ManifestError, PackedTable, load_packed
+from dsp.audio import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import signal
 
-from data.audio_utils import SAMPLE_RATE, save_audio
+from dsp.audio import SAMPLE_RATE, save_audio
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,7 @@ def build(
 
 def _write_example(out: Path, rng: np.random.Generator) -> None:
     """One unseen-speaker pair for inference: example/{mix,ref,target}.wav (dry, with noise)."""
-    from data.audio_utils import load_audio
+    from dsp.audio import load_audio
 
     speakers = sorted((out / "test_speech").iterdir())
     target_utts = sorted(speakers[0].glob("*.wav"))

@@ -32,8 +32,8 @@ import soundfile as sf
 import soxr
 from tqdm import tqdm
 
-from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
-from data.manifest import write_json_atomic
+from dsp.audio import SAMPLE_RATE, AudioError, load_audio
+from dsp.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -9,18 +9,16 @@ DataLoader workers share them copy-on-write instead of each touching every Pytho
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data.audio_utils import SAMPLE_RATE
+from dsp.audio import SAMPLE_RATE
+from dsp.files import write_json_atomic
 
 MANIFEST_VERSION = 1
-MANIFEST_MODE = 0o644
 MANIFEST_NAMES = {
     "speech": "speaker_manifest.json",
     "noise": "noise_manifest.json",
@@ -30,23 +28,6 @@ MANIFEST_NAMES = {
 
 class ManifestError(ValueError):
     """A manifest that is missing, unreadable or does not describe packed audio (names it)."""
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it into place, so
-    a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, MANIFEST_MODE)  # mkstemp makes 0600 files; manifests are shared
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_manifest(path: str | Path, kind: str, entries: list[dict[str, Any]]) -> None:

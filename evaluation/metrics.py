@@ -30,7 +30,7 @@ import torch
 from pystoi import stoi as pystoi_stoi
 
 from config import EVAL_METRIC_GROUPS
-from data.audio_utils import SAMPLE_RATE
+from dsp.audio import SAMPLE_RATE
 from evaluation.signal import BLOCK_SAMPLES, segment_bounds
 from evaluation.sources import TA, TP, UNKNOWN
 from losses.separation import DB_PER_LOG10, ENERGY_EPS, MAX_SUPPRESSION_DB, SI_SDR_REL_EPS

@@ -21,8 +21,6 @@ import io
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +29,9 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from data.audio_utils import SAMPLE_RATE, STFT, save_audio
+from dsp.audio import SAMPLE_RATE, save_audio
+from dsp.files import atomic_path, write_text_atomic
+from dsp.stft import STFT
 from evaluation.metrics import COLUMNS, STREAM_PREFIX, column
 from evaluation.sources import TA, TP, UNKNOWN, EvalInputError, Sample, Skipped
 
@@ -208,28 +208,6 @@ def pick_examples(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
     return dict(zip(EXAMPLE_LABELS, (ranked[0], ranked[len(ranked) // 2], ranked[-1]), strict=True))
 
 
-# ---------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path`` and rename it to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-
-
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
@@ -247,7 +225,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str])
     writer.writerow(fields)
     for row in rows:
         writer.writerow([_csv_cell(row.get(k)) for k in fields])
-    write_text(path, buf.getvalue())
+    write_text_atomic(path, buf.getvalue())
 
 
 def _parse_cell(field: str, cell: str) -> Any:
@@ -345,7 +323,7 @@ class RowWriter:
     def append(self, row: dict[str, Any]) -> None:
         if self._file is None:
             if not self.path.exists():
-                write_text(self.path.parent / FINGERPRINT_NAME,
+                write_text_atomic(self.path.parent / FINGERPRINT_NAME,
                            json.dumps(json_safe(self.fingerprint), indent=2) + "\n")
                 write_csv(self.path, [], self.fields)
             self._file = self.path.open("a", newline="", encoding="utf-8")
@@ -371,7 +349,8 @@ def json_safe(value: Any) -> Any:
 
 
 def _save_figure(fig: Figure, path: Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=FIGURE_DPI))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=FIGURE_DPI)
 
 
 def plot_histogram(path: Path, values: Sequence[float]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 import pyloudnorm
 from tqdm import tqdm
 
-from data.audio_utils import SAMPLE_RATE, AudioError
+from dsp.audio import SAMPLE_RATE, AudioError
 from evaluation.isolation import Failure, Job, WorkerPool, merge_part, write_item
 from evaluation.metrics import STREAM_PREFIX, MetricSettings, reference_sensitivity, si_sdr_db
 from evaluation.scoring import UNITS, nan_row, score, units_of

@@ -52,8 +52,8 @@ import soundfile as sf
 import soxr
 
 from config import Config
-from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
 from data.dataset import HiFiTSEDataset, dataset_kwargs
+from dsp.audio import SAMPLE_RATE, AudioError, load_audio
 from inference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, read_reference
 
 log = logging.getLogger("evaluate")

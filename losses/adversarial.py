@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from losses.separation import autocast_off, to_float32, weighted_mean
+from dsp.precision import autocast_off, to_float32
+from losses.separation import weighted_mean
 
 REAL_LABEL = 1.0
 FAKE_LABEL = 0.0

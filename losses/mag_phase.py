@@ -20,7 +20,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from losses.separation import autocast_off, to_float32, weighted_mean
+from dsp.precision import autocast_off, to_float32
+from losses.separation import weighted_mean
 
 TWO_PI = 2 * math.pi
 

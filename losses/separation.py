@@ -9,16 +9,16 @@ Per-item values are combined by :func:`weighted_mean`, which takes a ``(B,)`` 0/
 target-present items of a batch) without a data-dependent branch, so no device sync happens in
 the training step and an all-unselected batch still returns a zero that carries a graph.
 
-The helpers ``to_float32``, ``autocast_off``, ``weighted_mean`` and ``check_waves`` are shared with
-``losses.stft_loss`` and ``losses.adversarial``.
+``weighted_mean`` and ``check_waves`` are shared with ``losses.stft_loss`` and
+``losses.adversarial``; ``to_float32`` and ``autocast_off`` live in ``dsp.precision``.
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import Tensor
+
+from dsp.precision import autocast_off, to_float32
 
 # An absolute energy floor, far below the energy of any real recording (one 16-bit LSB,
 # 3e-5, held for 1 ms at 48 kHz already carries 4e-8), yet large enough that its reciprocal
@@ -44,23 +44,6 @@ DB_PER_LOG10 = 10.0  # power ratio -> dB
 # ---------------------------------------------------------------------------------------------
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def to_float32(x: Tensor) -> Tensor:
-    """Promote a real tensor to at least float32 and a complex one to at least complex64.
-
-    Half, bfloat16 and complex32 inputs are upcast; float64/complex128 are left as they are.
-    """
-    floor = torch.complex64 if x.is_complex() else torch.float32
-    return x.to(torch.promote_types(x.dtype, floor))
-
-
-def autocast_off(x: Tensor) -> contextlib.AbstractContextManager[object]:
-    """A context with autocast disabled for ``x``'s device type (a no-op where unsupported)."""
-    device_type = x.device.type
-    if torch.amp.is_autocast_available(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def weighted_mean(per_item: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -11,14 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from losses.separation import (
-    ENERGY_EPS,
-    autocast_off,
-    check_spectra,
-    check_waves,
-    to_float32,
-    weighted_mean,
-)
+from dsp.precision import autocast_off, to_float32
+from losses.separation import ENERGY_EPS, check_spectra, check_waves, weighted_mean
 
 # Resolutions for 48 kHz. Window = FFT size with 75 % overlap: 10.7 / 21.3 / 42.7 / 85.3 ms
 # windows, 93.8 / 46.9 / 23.4 / 11.7 Hz bins and 2.7 / 5.3 / 10.7 / 21.3 ms hops. They bracket

@@ -17,22 +17,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data.audio_utils import STFT
+from dsp.level import rms_scale
+from dsp.stft import STFT
 from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
 from models.conditioning import EMBEDDING_DIM, SpeakerReference, speaker_encoder
 from models.tf_gridnet import SpeakerReinjectLayer, TFGridNetBlock
 from models.usef import FiLMLayer, USEFCrossAttention
-
-RMS_EPS = 1e-8  # float32 waveforms only, so this never underflows
-
-
-def rms_scale(wave: torch.Tensor) -> torch.Tensor:
-    """The level ``Generator`` divides a waveform by: its RMS (+ ``RMS_EPS``), in float32.
-
-    Shape:
-        (B, N) -> (B, 1)
-    """
-    return wave.float().pow(2).mean(-1, keepdim=True).sqrt() + RMS_EPS
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from data.audio_utils import HOP_LENGTH, N_FFT, SAMPLE_RATE, STFT, WIN_LENGTH
+from dsp.audio import SAMPLE_RATE
+from dsp.stft import HOP_LENGTH, N_FFT, STFT, WIN_LENGTH
 
 CHANNELS = 16  # SEMamba's dim: the first convolution's width, doubled by each further one
 N_CONVS = 4

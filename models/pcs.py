@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from losses.separation import autocast_off
+from dsp.precision import autocast_off
 
 SAMPLE_RATE = 48_000
 PCS400_SAMPLE_RATE = 16_000

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from losses.separation import autocast_off
+from dsp.precision import autocast_off
 from models.sdes import OUVESDE, SBVESDE, NetworkFn, Noise, _b, _full_t, _working, randn_like
 
 

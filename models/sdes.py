@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from losses.separation import autocast_off, to_float32
+from dsp.precision import autocast_off, to_float32
 
 # A complex standard normal tensor shaped like its argument (see the module docstring).
 Noise = Callable[[Tensor], Tensor]

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data.audio_utils import STFT
+from dsp.level import rms_scale
+from dsp.stft import STFT
 from models.conditioning import EMBEDDING_DIM, SpeakerReference, speaker_encoder
-from models.generator import rms_scale
 from models.mamba import BiMamba
 from models.tf_gridnet import SpeakerReinjectLayer
 from models.usef import FiLMLayer, USEFCrossAttention

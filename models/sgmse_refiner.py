@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from data.audio_utils import STFT
-from models.generator import rms_scale
+from dsp.level import rms_scale
+from dsp.stft import STFT
 from models.ncsnpp import NCSNpp
 from models.samplers import sample_pc, sample_sb
 from models.sdes import OUVESDE, SBVESDE

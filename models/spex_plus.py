@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dsp.level import RMS_EPS, rms_scale
 from models.conditioning import EmbeddingFusion, speaker_encoder
 from models.conv_norms import ChannelLayerNorm, GlobalLayerNorm
-from models.generator import RMS_EPS, rms_scale
 
 SAMPLE_RATE = 48_000
 POOL = 3  # max-pool width of each speaker ResNet block (SpEx+ speaker encoder)

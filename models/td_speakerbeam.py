@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dsp.level import rms_scale
 from models.conditioning import EmbeddingFusion, speaker_encoder
 from models.conv_norms import GlobalLayerNorm
-from models.generator import rms_scale
 
 
 @dataclass

@@ -10,7 +10,8 @@ import soundfile as sf
 import soxr
 import torch
 
-from data.audio_utils import SAMPLE_RATE, STFT, AudioError, load_audio, save_audio
+from dsp.audio import SAMPLE_RATE, AudioError, load_audio, save_audio
+from dsp.stft import STFT
 
 
 @pytest.mark.parametrize("length", [1, 479, 4801, 48_001, 192_001])

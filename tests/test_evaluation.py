@@ -19,7 +19,7 @@ from torchmetrics.functional.audio import scale_invariant_signal_distortion_rati
 
 import evaluate
 from config import load_config, model_kwargs
-from data.audio_utils import load_audio
+from dsp.audio import load_audio
 from evaluation import report
 from evaluation.metrics import (
     STREAM_PREFIX,

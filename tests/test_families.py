@@ -20,11 +20,11 @@ import evaluate
 import inference
 import train
 from config import Config, ConfigError, load_config, model_kwargs
-from data.audio_utils import load_audio
+from dsp.audio import load_audio
+from dsp.level import rms_scale
 from evaluation import report
 from models import registry
 from models.conditioning import encode_references
-from models.generator import rms_scale
 from models.registry import build_model, checkpoint_payload, load_model
 from tests.packed_data import packed_subset
 

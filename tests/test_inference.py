@@ -18,7 +18,7 @@ import torch
 
 import inference
 from config import load_config, model_kwargs
-from data.audio_utils import SAMPLE_RATE, AudioError, load_audio
+from dsp.audio import SAMPLE_RATE, AudioError, load_audio
 from inference import (
     MIN_REF_PEAK_DBFS,
     REF_FRAME_SECONDS,

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import train
 from config import ConfigError, load_config
-from data.audio_utils import SAMPLE_RATE, load_audio
+from dsp.audio import SAMPLE_RATE, load_audio
 from losses.adversarial import metric_discriminator_loss, metric_generator_loss
 from losses.pesq_target import PesqScorer, normalised_pesq
 from models.metric_discriminator import MIN_FRAMES, MetricDiscriminator

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from config import Config, load_config, model_kwargs
-from data.audio_utils import STFT
+from dsp.stft import STFT
 from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
 from models.generator import CheckpointError, Generator
 from models.registry import build_model, checkpoint_payload, load_model

@@ -12,7 +12,7 @@ import soundfile as sf
 import soxr
 import torch
 
-from data.audio_utils import SAMPLE_RATE, load_audio
+from dsp.audio import SAMPLE_RATE, load_audio
 from inference import main
 from models.pcs import pcs, pcs_gains, pcs_stream, stft_sizes
 from tests.test_inference import tiny_checkpoint

@@ -11,9 +11,9 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 
+from dsp.level import rms_scale
 from losses.separation import si_sdr
 from models.conv_norms import GlobalLayerNorm
-from models.generator import rms_scale
 from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
 SAMPLE_RATE = 48_000
