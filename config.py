@@ -19,9 +19,9 @@ from typing import Any
 import yaml
 
 from models import registry
-from models.ge2e import KINDS as SPEAKER_EMBEDDINGS
-from models.generator import HiFiTSEArgs
-from models.tf_gridnet import SEQUENCE_LAYERS
+from models.hifi_tse.generator import HiFiTSEArgs
+from models.hifi_tse.tf_gridnet import SEQUENCE_LAYERS
+from models.layers.ge2e import KINDS as SPEAKER_EMBEDDINGS
 
 SAMPLE_RATE = 48_000  # every signal inside HiFi-TSE is mono 48 kHz
 

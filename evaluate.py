@@ -74,8 +74,13 @@ from evaluation.sources import (
     with_transcripts,
 )
 from inference import Extractor, InferenceError, resolve_device
-from models.generator import CheckpointError, read_checkpoint
-from models.registry import ARCH_KEY, model_from_payload, normalised_args
+from models.registry import (
+    ARCH_KEY,
+    CheckpointError,
+    model_from_payload,
+    normalised_args,
+    read_checkpoint,
+)
 
 log = logging.getLogger("evaluate")
 LUFS_DEFAULT = -20.0  # --lufs without a value: the SpEx+ homework protocol's level

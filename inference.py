@@ -33,7 +33,7 @@ used references are kept (about 81 MB each for 30 s at the recipe's width), so a
 run holds a bounded number of them however many references it meets.
 
 Several references of the target (``--ref`` given more than once, with ``--mix`` or
-``--mix-dir``) are encoded one by one and pooled (``models.conditioning.pool_references``:
+``--mix-dir``) are encoded one by one and pooled (``models.layers.conditioning.pool_references``:
 reference frames side by side, pretrained speaker embeddings averaged); a longer enrolment
 tells the model more about the voice than any one utterance.
 
@@ -59,7 +59,7 @@ the result PCS of the whole file would give, in bounded memory.
 
 Errors: a bad input prints one line ``error: <path>: <problem>`` to stderr, writes no output
 for that pair and makes the exit code 1 (the other pairs of a folder or list still run).
-Checkpoints are read once (``models.generator.read_checkpoint``) with ``weights_only=True``: a
+Checkpoints are read once (``models.registry.read_checkpoint``) with ``weights_only=True``: a
 file holding arbitrary pickled objects is refused.
 """
 
@@ -85,11 +85,10 @@ from torch import nn
 
 from dsp.audio import SAMPLE_RATE, AudioError, atomic_writer
 from dsp.level import RMS_EPS
-from models.conditioning import EncodedReference, pool_references
-from models.generator import CheckpointError
+from models.hifi_tse.tf_gridnet import bf16_lstm_works, use_float32_lstms
+from models.layers.conditioning import EncodedReference, pool_references
 from models.pcs import pcs_stream
-from models.registry import load_model
-from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
+from models.registry import CheckpointError, load_model
 
 log = logging.getLogger(__name__)
 

@@ -64,11 +64,18 @@ from losses.separation import (
     weighted_mean,
 )
 from losses.stft_loss import MultiResolutionSTFTLoss, amplitude_loss, waveform_l1_loss
-from models.discriminator import HiFiGANDiscriminator
-from models.generator import CheckpointError
-from models.metric_discriminator import MetricDiscriminator
-from models.registry import arch_of, build_model, family, normalised_args, validation_context
-from models.tf_gridnet import bf16_lstm_works, use_float32_lstms
+from models.discriminators.hifigan import HiFiGANDiscriminator
+from models.discriminators.metric_gan import MetricDiscriminator
+from models.hifi_tse.tf_gridnet import bf16_lstm_works, use_float32_lstms
+from models.registry import (
+    CheckpointError,
+    arch_of,
+    build_model,
+    family,
+    load_first_stage,
+    normalised_args,
+    validation_context,
+)
 
 log = logging.getLogger("train")
 CKPT_PREFIX = "step_"
@@ -259,8 +266,8 @@ def build_nets(cfg: Config, device: torch.device, *, load_parts: bool = True) ->
     ``load_parts``: load the weights of parts that other checkpoints hold (a refiner's first
     stage), as a new run does; a resumed run reads them from its own checkpoint."""
     generator = build_model(model_kwargs(cfg))
-    if load_parts and hasattr(generator, "load_first_stage"):
-        generator.load_first_stage()  # before the EMA copy below, which must hold them too
+    if load_parts:
+        load_first_stage(generator)  # before the EMA copy below, which must hold them too
     generator = generator.to(device)
     generator.grad_checkpoint = cfg.train.grad_checkpoint
     opt_g = torch.optim.AdamW(

@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.report import machine, markdown_table, print_json, write_section
 from config import Config, load_config, model_kwargs
-from models.generator import Generator
+from models.hifi_tse.generator import Generator
+from models.hifi_tse.tf_gridnet import SEQUENCE_LAYERS
 from models.registry import build_model
-from models.tf_gridnet import SEQUENCE_LAYERS
 
 SEGMENT_SECONDS = 4.0
 GIB = 1024**3
@@ -85,7 +85,7 @@ def activation_memory(model: Generator, mix: torch.Tensor, ref: torch.Tensor) ->
 
 def scan_working_set(cfg: Config, n_samples: int, batch: int) -> int:
     """Bytes of the three (B, L, E, N) float32 tensors one Mamba scan holds at once in its
-    backward pass (models/mamba.py); the same number of positions for both paths, B*T*K."""
+    backward pass (models/layers/mamba.py); the same number of positions for both paths, B*T*K."""
     frames = n_samples // cfg.stft.hop_length + 1  # centred STFT
     positions = batch * frames * sum(n for *_, n in cfg.model.band_regions)
     inner = cfg.model.mamba_expand * cfg.model.feature_dim
@@ -276,7 +276,7 @@ def main() -> None:
             f"--sequence-layers {args.sequence_layers:g}`)\n\n"
             f"{machine()}; fp32; the same config ({args.config}) with only "
             f"`model.sequence_layer` changed, batch 1 x {seq_seg}; Mamba on the PyTorch parallel "
-            f"scan (models/mamba.py; a CUDA machine with mamba_ssm would use the fused "
+            f"scan (models/layers/mamba.py; a CUDA machine with mamba_ssm would use the fused "
             f"kernel).\n\n{layer_table}\n\n"
             "The Mamba scan keeps only its (B, L, ED) inputs for backward and recomputes its "
             "(B, L, ED, N) states there: the working-set column is the transient memory of "

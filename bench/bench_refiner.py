@@ -33,8 +33,8 @@ from evaluation.runner import RunSettings, load_sample
 from evaluation.scoring import row_of
 from evaluation.sources import TP, validation_samples
 from inference import Extractor
+from models.refiner.refiner import SGMSERefiner
 from models.registry import load_model
-from models.sgmse_refiner import SGMSERefiner
 
 METRICS = ("si_sdri", "pesq", "lsd_hb", "dnsmos_ovrl", "dnsmos_sig", "dnsmos_bak")
 

@@ -36,7 +36,7 @@ from config import load_config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from evaluation.selection import fmt_ci, pair_kind, run_pairs, summarize_by_group
 from losses.separation import si_sdr_improvement
-from models.conditioning import encode_references
+from models.layers.conditioning import encode_references
 from models.registry import load_model
 
 CONDITIONS = {"dry": False, "noisy": True}  # name -> swap_pair(noisy=...)
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--corpus-json", type=Path, help="voices' F0 (default: found beside "
                         "the synthetic corpus)")
     parser.add_argument("--n-refs", type=int, default=1,
-                        help="references per speaker, pooled (models.conditioning)")
+                        help="references per speaker, pooled (models.layers.conditioning)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--name", default="demo", help="the doc/benchmarks.md section suffix")
     parser.add_argument("--no-write", action="store_true", help="leave doc/benchmarks.md alone")

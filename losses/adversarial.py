@@ -1,9 +1,9 @@
 """Least-squares GAN losses: HiFi-GAN's (with feature matching) and MetricGAN's.
 
-LSGAN (Mao et al., 2017) with the targets HiFi-GAN uses (Kong et al., 2020): real -> 1,
-fake -> 0 for the discriminator, fake -> 1 for the generator. The inputs are the outputs of
-``models.discriminator.HiFiGANDiscriminator``: one logits tensor per sub-discriminator and, per
-sub-discriminator, one list of feature maps. The training step calls the discriminator on the
+LSGAN (Mao et al., 2017) with the targets HiFi-GAN uses (Kong et al., 2020): real -> 1, fake -> 0
+for the discriminator, fake -> 1 for the generator. The inputs are the outputs of
+``models.discriminators.hifigan.HiFiGANDiscriminator``: one logits tensor per sub-discriminator and,
+per sub-discriminator, one list of feature maps. The training step calls the discriminator on the
 target and on ``estimate.detach()`` for :func:`discriminator_loss`, and on the target and the
 (attached) estimate for the generator terms.
 
@@ -14,7 +14,7 @@ The three functions compute exactly HiFi-GAN's ``discriminator_loss``, ``generat
 
 With ``gan.kind: metric`` the least-squares targets are a metric instead
 (:func:`metric_discriminator_loss`, :func:`metric_generator_loss`, on the predictions of
-``models.metric_discriminator.MetricDiscriminator``).
+``models.discriminators.metric_gan.MetricDiscriminator``).
 
 Each function takes a ``weights`` (B,) 0/1 mask (optional for HiFi-GAN's): the terms are then
 computed on the selected items alone (the training step passes the target-present mask, since a
@@ -141,7 +141,7 @@ def feature_matching_loss(
 
 
 # ---------------------------------------------------------------------------------------------
-# MetricGAN (models/metric_discriminator.py): least squares towards a metric, as in MetricGAN+
+# MetricGAN (models/discriminators/metric_gan.py): least squares towards a metric, as in MetricGAN+
 # and SEMamba (RoyChao19477/SEMamba, MIT, train.py), with per-item weights.
 # ---------------------------------------------------------------------------------------------
 

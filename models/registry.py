@@ -15,9 +15,10 @@ holds:
 
 A family with an ``objective`` of its own (the score-based refiner) is not trained through its
 estimate: while training, its ``forward`` also takes ``target=`` and returns that objective
-per item in ``aux``. Optional hooks: ``validation()``, a context that train.py's validations
-run in (the refiner samples fewer steps there), and ``load_first_stage()``, the weights of a
-part that another checkpoint holds, loaded when a training run starts.
+per item in ``aux``. An optional hook: ``validation()``, a context that train.py's validations
+run in (the refiner samples fewer steps there). A two-stage family (``takes_first_stage``) is
+handed its first stage, built here from its ``first_stage`` model_args; ``load_first_stage``
+copies the weights of its ``first_stage_ckpt`` into it when a training run starts.
 
 Checkpoints store ``model_args = {"arch": name, **constructor keywords}``; those written before
 families existed have no ``arch`` and are ``hifi_tse``.
@@ -27,28 +28,72 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from models.generator import (
-    CheckpointError,
-    Generator,
-    HiFiTSEArgs,
-    current_model_args,
-    one_line,
-    read_checkpoint,
-)
+from models.hifi_tse.generator import Generator, HiFiTSEArgs
+from models.refiner.refiner import SGMSERefiner, SGMSERefinerArgs
 from models.semamba import SEMambaTSE, SEMambaTSEArgs
-from models.sgmse_refiner import SGMSERefiner, SGMSERefinerArgs
 from models.spex_plus import SpExPlus, SpExPlusArgs
 from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
 ARCH_KEY = "arch"
 DEFAULT_ARCH = "hifi_tse"
 STFT_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length")  # the stft config section
+
+
+LEGACY_MODEL_ARGS = ("grad_checkpoint",)
+
+
+def current_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
+    """``model_args`` of a checkpoint of any version, without the keys that were retired."""
+    return {k: v for k, v in model_args.items() if k not in LEGACY_MODEL_ARGS}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a usable HiFi-TSE checkpoint; the message names the file."""
+
+
+def one_line(text: str) -> str:
+    """A checkpoint loader's message on one line, without torch's advice to unpickle anyway."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colour codes
+    unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
+    if unpickler:
+        path = text.split(": ", 1)[0]
+        reason = unpickler.group(1).split(". Please")[0].rstrip(".")
+        if "Unsupported global" in reason:
+            return (
+                f"{path}: not a HiFi-TSE checkpoint (it holds pickled objects other than "
+                f"tensors, which are never unpickled: {reason})"
+            )
+        return f"{path}: not a HiFi-TSE checkpoint (not a torch.save file: {reason})"
+    return " ".join(text.split())
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """A HiFi-TSE checkpoint's dict, read once with ``weights_only=True``, with one-line errors
+    naming ``path``.
+
+    A file in torch's zip format is memory-mapped: a training checkpoint's optimizer and
+    discriminator states are never copied into memory, only what ``build_generator`` takes.
+    """
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(
+            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+        )
+    except Exception as err:  # torch raises many types for a non-checkpoint file
+        raise CheckpointError(one_line(f"{path}: not a loadable checkpoint ({err})")) from None
+    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "generator" not in ckpt:
+        raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
+    return ckpt
 
 
 @dataclass(frozen=True)
@@ -66,6 +111,9 @@ class Family:
     # The aux term that is the family's whole training objective (its forward takes the target
     # while training); None: the estimate is what the loss section trains.
     objective: str | None = None
+    # A two-stage family: its constructor is handed the first stage, built from the
+    # ``first_stage`` model_args here, so that no family imports the registry.
+    takes_first_stage: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -79,10 +127,11 @@ FAMILIES: dict[str, Family] = {
     "semamba": Family("semamba", SEMambaTSEArgs, SEMambaTSE, takes_stft=False,
                       aux_terms=("compressed_mag", "antiwrap_phase", "compressed_complex",
                                  "consistency")),
-    # A first stage of any family (models/sgmse_refiner.py) and a score network trained by its
+    # A first stage of any family (models/refiner/refiner.py) and a score network trained by its
     # SDE's loss alone.
     "sgmse_refiner": Family("sgmse_refiner", SGMSERefinerArgs, SGMSERefiner, takes_stft=False,
-                            aux_terms=("score_matching",), objective="score_matching"),
+                            aux_terms=("score_matching",), objective="score_matching",
+                            takes_first_stage=True),
 }
 
 
@@ -136,7 +185,10 @@ def normalised_args(args: dict[str, Any]) -> dict[str, Any]:
 def build_model(args: dict[str, Any]) -> nn.Module:
     """The model that ``args`` (``model_args``, or a checkpoint's) describes."""
     args = normalised_args(args)
-    return family(args.pop(ARCH_KEY)).model(**args)
+    fam = family(args.pop(ARCH_KEY))
+    if fam.takes_first_stage:
+        args["first_stage"] = build_model(args["first_stage"]) if args["first_stage"] else None
+    return fam.model(**args)
 
 
 def validation_context(model: nn.Module) -> contextlib.AbstractContextManager[object]:
@@ -175,3 +227,11 @@ def load_model(path: str | Path, *, use_ema: bool = True) -> nn.Module:
     """The model of a checkpoint file, whatever its family."""
     path = Path(path)
     return model_from_payload(read_checkpoint(path), use_ema=use_ema, name=str(path))
+
+
+def load_first_stage(model: nn.Module) -> None:
+    """A two-stage model's first stage gets the (EMA) weights of its ``first_stage_ckpt``: the
+    start of a training run (the two-stage model's own checkpoints hold them)."""
+    path = getattr(model, "first_stage_ckpt", "")
+    if path:
+        model.first_stage.load_state_dict(load_model(path).state_dict())

@@ -23,10 +23,8 @@ from torch.utils.checkpoint import checkpoint
 
 from dsp.level import rms_scale
 from dsp.stft import STFT
-from models.conditioning import EMBEDDING_DIM, SpeakerReference, speaker_encoder
-from models.mamba import BiMamba
-from models.tf_gridnet import SpeakerReinjectLayer
-from models.usef import FiLMLayer, USEFCrossAttention
+from models.layers.conditioning import ReferenceConditioned, SpeakerReference
+from models.layers.mamba import BiMamba
 
 # Added to |X|^2 before the compression power, as SEMamba's ``mag_phase_stft(addeps=True)``:
 # keeps |X|^0.3 and its gradient finite at an exactly zero bin.
@@ -61,7 +59,7 @@ class SEMambaTSEArgs:
     d_conv: int = 4
     expand: int = 4
     beta: float = 2.0  # the learnable sigmoid's ceiling: masks in (0, beta)
-    # Speaker conditioning (models/usef.py, models/tf_gridnet.py): USEF cross-attention and FiLM
+    # Speaker conditioning (models/layers/conditioning.py): USEF cross-attention and FiLM
     # after the encoder, where the grid first exists at the Mambas' resolution, and a
     # re-injection in front of each TF-Mamba block listed here (all four, as hifi_tse does).
     # A frame of the (time, bin) grid is one attention token, of qk_per_band channels per bin.
@@ -69,7 +67,7 @@ class SEMambaTSEArgs:
     qk_per_band: int = 4
     reinject_at: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     use_film: bool = True
-    # A frozen pretrained speaker encoder, entering as in hifi_tse (models/ge2e.py).
+    # A frozen pretrained speaker encoder, entering as in hifi_tse (models/layers/ge2e.py).
     speaker_embedding: str = "none"
 
 
@@ -249,7 +247,7 @@ class TFMambaBlock(nn.Module):
         return x + self.freq(self.freq_norm(across_freq)).view(b, t, k, d)
 
 
-class SEMambaTSE(nn.Module):
+class SEMambaTSE(ReferenceConditioned):
     """SEMamba's generator with USEF / FiLM / re-injection speaker conditioning.
 
     Keyword arguments are ``sample_rate`` and the ``model`` section (``SEMambaTSEArgs``).
@@ -281,8 +279,6 @@ class SEMambaTSE(nn.Module):
     ) -> None:
         super().__init__()
         reinject_at = list(range(n_blocks)) if reinject_at is None else list(reinject_at)
-        if any(not 0 <= i < n_blocks for i in reinject_at):
-            raise ValueError(f"reinject_at {reinject_at} names a block outside 0..{n_blocks - 1}")
         if n_fft % 2:
             raise ValueError(f"n_fft {n_fft} must be even (an odd bin count maps back through "
                              "the encoder's frequency stride)")
@@ -293,17 +289,13 @@ class SEMambaTSE(nn.Module):
         dense = {"channels": hidden, "depth": dense_depth}
         attn = {"feature_dim": hidden, "n_heads": n_heads, "qk_per_band": qk_per_band}
         self.encoder = DenseEncoder(**dense)
-        self.usef = USEFCrossAttention(**attn)
-        self.pretrained_encoder = speaker_encoder(speaker_embedding, sample_rate)
-        emb = {"embedding_dim": EMBEDDING_DIM if self.pretrained_encoder is not None else 0}
-        self.film = FiLMLayer(feature_dim=hidden, **emb) if use_film else None
+        reinject = self._build_entry(feature_dim=hidden, attn=attn, use_film=use_film,
+                                     speaker_embedding=speaker_embedding, sample_rate=sample_rate)
         self.blocks = nn.ModuleList(
             TFMambaBlock(dim=hidden, d_state=d_state, d_conv=d_conv, expand=expand)
             for _ in range(n_blocks)
         )
-        self.reinject = nn.ModuleDict(
-            {str(i): SpeakerReinjectLayer(**attn, **emb) for i in sorted(set(reinject_at))}
-        )
+        self._build_reinjection(reinject_at, reinject)
         self.mag_decoder = MagDecoder(**dense, n_bins=self.spectrum.n_bins, beta=beta)
         self.phase_decoder = PhaseDecoder(**dense)
 
@@ -318,13 +310,6 @@ class SEMambaTSE(nn.Module):
         x = torch.stack([mag, pha], dim=1).transpose(2, 3)  # (B, 2, T, F)
         return self._checkpointed(self.encoder, x).permute(0, 2, 3, 1)
 
-    def _block(
-        self, i: int, z: torch.Tensor, frames: torch.Tensor, embedding: torch.Tensor | None
-    ) -> torch.Tensor:
-        if str(i) in self.reinject:
-            z = self.reinject[str(i)](z, frames, embedding)
-        return self.blocks[i](z)
-
     def encode_reference(self, ref: torch.Tensor) -> SpeakerReference:
         """Embed the reference once; ``extract`` reuses it for any number of mixture windows.
 
@@ -332,13 +317,11 @@ class SEMambaTSE(nn.Module):
             ref (B, M) -> frames (B, S, F', D), embedding (B, 256) or None
         """
         frames = self._encode(*self.spectrum.mag_phase(ref.float() / rms_scale(ref)))
-        embedding = None if self.pretrained_encoder is None else self.pretrained_encoder(ref)
-        return SpeakerReference(frames, embedding)
+        return self.speaker_reference(frames, ref)
 
     def _extract(
         self, mix: torch.Tensor, z_ref: SpeakerReference, scale: torch.Tensor | None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        frames, embedding = z_ref
         n_samples = mix.shape[-1]
         scale = rms_scale(mix) if scale is None else scale.float()  # (B, 1)
         unit = mix.float() / scale
@@ -348,15 +331,7 @@ class SEMambaTSE(nn.Module):
         # mask on |X|) is scale-equivariant to float precision, whatever scale a windowed
         # caller passes. ``scale`` only sets the units of the aux spectra the losses compare.
         feat_mag = mix_mag / rms_scale(unit)[..., None] ** self.spectrum.compress
-        z = self.usef(self._encode(feat_mag, mix_pha), frames)  # (B, T, F', D)
-        if self.film is not None:
-            z = self.film(z, frames, embedding)
-        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for i in range(len(self.blocks)):
-            if use_ckpt:
-                z = checkpoint(self._block, i, z, frames, embedding, use_reentrant=False)
-            else:
-                z = self._block(i, z, frames, embedding)
+        z = self.conditioned_blocks(self._encode(feat_mag, mix_pha), z_ref)  # (B, T, F', D)
         z = z.permute(0, 3, 1, 2)  # (B, D, T, F')
         mask = self._checkpointed(self.mag_decoder, z).transpose(1, 2)  # (B, F, T)
         pha = self._checkpointed(self.phase_decoder, z).transpose(1, 2)  # (B, F, T)

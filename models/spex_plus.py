@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dsp.level import RMS_EPS, rms_scale
-from models.conditioning import EmbeddingFusion, speaker_encoder
-from models.conv_norms import ChannelLayerNorm, GlobalLayerNorm
+from models.layers.conditioning import EmbeddingFusion, speaker_encoder
+from models.layers.conv_norms import ChannelLayerNorm, GlobalLayerNorm
 
 SAMPLE_RATE = 48_000
 POOL = 3  # max-pool width of each speaker ResNet block (SpEx+ speaker encoder)
@@ -54,7 +54,7 @@ class SpExPlusArgs:
     conv_kernel: int = 3  # depthwise kernel of a TCN block (SpEx+, as Conv-TasNet)
     # Training speakers of the classification head (101 in SpEx+ on WSJ0-2mix-extr); 0 = none.
     n_speakers: int = 0
-    # A frozen pretrained speaker encoder (models/ge2e.py): "none" or "ge2e", whose embedding
+    # A frozen pretrained speaker encoder (models/layers/ge2e.py): "none" or "ge2e", whose embedding
     # is concatenated with SpEx+'s own (the TCN stacks then take D + 256 channels of it).
     speaker_embedding: str = "none"
 

@@ -22,8 +22,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsp.level import rms_scale
-from models.conditioning import EmbeddingFusion, speaker_encoder
-from models.conv_norms import GlobalLayerNorm
+from models.layers.conditioning import EmbeddingFusion, speaker_encoder
+from models.layers.conv_norms import GlobalLayerNorm
 
 
 @dataclass
@@ -48,7 +48,7 @@ class TDSpeakerBeamArgs:
     # first block, where the paper's Fig. 1 puts the adaptation layer; ESPnet's recipe default
     # is 7, the end of the first repeat.
     adapt_block: int = 0
-    # A frozen pretrained speaker encoder (models/ge2e.py): "none" or "ge2e", whose embedding
+    # A frozen pretrained speaker encoder (models/layers/ge2e.py): "none" or "ge2e", whose embedding
     # is projected and added to the auxiliary network's before the multiplicative adaptation.
     speaker_embedding: str = "none"
     # Training speakers of a classification head on the auxiliary network's embedding (before

@@ -1,4 +1,5 @@
-"""Tests for the HiFi-GAN discriminators in models/discriminator.py (CPU, a few seconds)."""
+"""Tests for the HiFi-GAN discriminators in models/discriminators/hifigan.py (CPU, a few
+seconds)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.discriminator import (
+from models.discriminators.hifigan import (
     MPD_PERIODS,
     MSD_N_SCALES,
     HiFiGANDiscriminator,

@@ -42,7 +42,7 @@ from evaluation.sources import (
     with_transcripts,
 )
 from inference import Extractor
-from models.conditioning import encode_references
+from models.layers.conditioning import encode_references
 from models.registry import build_model, checkpoint_payload
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,7 +24,7 @@ from dsp.audio import load_audio
 from dsp.level import rms_scale
 from evaluation import report
 from models import registry
-from models.conditioning import encode_references
+from models.layers.conditioning import encode_references
 from models.registry import build_model, checkpoint_payload, load_model
 from tests.packed_data import packed_subset
 
@@ -33,7 +33,7 @@ TINY = {"hifi_tse": "tiny.yaml", "td_speakerbeam": "td_speakerbeam_tiny.yaml",
         "spex_plus": "spex_plus_tiny.yaml", "semamba": "semamba_tiny.yaml",
         "sgmse_refiner": "sgmse_refiner_tiny.yaml"}
 N_SPEAKERS = 5  # the head of families that have one, in these unit tests
-# Every family that takes a pretrained speaker embedding, once more with it (models/ge2e.py).
+# Every family that takes a pretrained speaker embedding, once more with it (models/layers/ge2e.py).
 WITH_GE2E = ["hifi_tse+ge2e", "td_speakerbeam+ge2e", "spex_plus+ge2e", "semamba+ge2e"]
 ARCHS = sorted(registry.FAMILIES) + WITH_GE2E
 

@@ -1,6 +1,6 @@
-"""The frozen GE2E speaker encoder inside the models (models/ge2e.py, ``model.speaker_embedding:
-ge2e``): equal to Resemblyzer's own ``embed_utterance``, frozen, deterministic,
-batch-independent, level-free, and carried by checkpoints."""
+"""The frozen GE2E speaker encoder inside the models (models/layers/ge2e.py,
+``model.speaker_embedding: ge2e``): equal to Resemblyzer's own ``embed_utterance``, frozen,
+deterministic, batch-independent, level-free, and carried by checkpoints."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 import train
 from config import ConfigError, load_config, model_kwargs
 from evaluation.speaker_similarity import _get_encoder, _resemblyzer
-from models import ge2e
+from models.layers import ge2e
 from models.registry import build_model, checkpoint_payload, load_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from inference import (
     plan_windows,
     resampled_length,
 )
-from models.conditioning import pool_references
+from models.layers.conditioning import pool_references
 from models.registry import build_model, checkpoint_payload, load_model
 
 REPO = Path(__file__).resolve().parents[1]

@@ -481,7 +481,7 @@ def _hifigan_generator_loss(disc_outputs: list) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def disc_outputs() -> tuple[tuple[list, list], tuple[list, list]]:
     """The recipe discriminator's (logits, features) on a random "real" and "fake" input."""
-    from models.discriminator import HiFiGANDiscriminator
+    from models.discriminators.hifigan import HiFiGANDiscriminator
 
     torch.manual_seed(0)
     disc = HiFiGANDiscriminator()

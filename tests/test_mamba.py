@@ -1,5 +1,5 @@
-"""Mamba layers (models/mamba.py) against a float64 loop over time, mamba-ssm's parameter layout,
-the BiMamba reversal symmetry, the fused CUDA kernel where there is one; and the hifi_tse
+"""Mamba layers (models/layers/mamba.py) against a float64 loop over time, mamba-ssm's parameter
+layout, the BiMamba reversal symmetry, the fused CUDA kernel where there is one; and the hifi_tse
 generator with ``model.sequence_layer=mamba`` keeping the family contract."""
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import ConfigError, load_config, model_kwargs
-from models import mamba
-from models.generator import CheckpointError
-from models.mamba import DT_MAX, DT_MIN, BiMamba, Mamba, selective_scan
-from models.registry import build_model, checkpoint_payload, load_model, normalised_args
-from models.tf_gridnet import use_float32_lstms
+from models.hifi_tse.tf_gridnet import use_float32_lstms
+from models.layers import mamba
+from models.layers.mamba import DT_MAX, DT_MIN, BiMamba, Mamba, selective_scan
+from models.registry import (
+    CheckpointError,
+    build_model,
+    checkpoint_payload,
+    load_model,
+    normalised_args,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

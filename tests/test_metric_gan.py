@@ -28,7 +28,7 @@ from config import ConfigError, load_config
 from dsp.audio import SAMPLE_RATE, load_audio
 from losses.adversarial import metric_discriminator_loss, metric_generator_loss
 from losses.pesq_target import PesqScorer, normalised_pesq
-from models.metric_discriminator import MIN_FRAMES, MetricDiscriminator
+from models.discriminators.metric_gan import MIN_FRAMES, MetricDiscriminator
 from tests.packed_data import packed_subset
 from tests.test_train import log_lines, write_config
 

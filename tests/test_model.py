@@ -10,9 +10,9 @@ import torch
 
 from config import Config, load_config, model_kwargs
 from dsp.stft import STFT
-from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
-from models.generator import CheckpointError, Generator
-from models.registry import build_model, checkpoint_payload, load_model
+from models.hifi_tse.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
+from models.hifi_tse.generator import Generator
+from models.registry import CheckpointError, build_model, checkpoint_payload, load_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -203,7 +203,7 @@ def test_film_tells_voices_apart_by_spectrum_not_by_phase() -> None:
     phase and average to ~0 over time whatever the voice. FiLM's statistics pooling must give
     two voices (different feature spreads) different conditioning, and two phases of one
     voice (same spreads, other signs) the same one."""
-    from models.usef import FiLMLayer
+    from models.layers.usef import FiLMLayer
 
     torch.manual_seed(0)
     film = FiLMLayer(feature_dim=16)

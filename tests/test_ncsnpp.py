@@ -1,6 +1,6 @@
-"""NCSN++ (models/ncsnpp.py) at the tiny size: output shapes for any (F, T), the FIR resampling
-against upfirdn2d's definition, the time conditioning, equal gradients with checkpointing on and
-off, bf16 autocast, the internal padding, a state-dict rebuild and the documented sizes."""
+"""NCSN++ (models/refiner/ncsnpp.py) at the tiny size: output shapes for any (F, T), the FIR
+resampling against upfirdn2d's definition, the time conditioning, equal gradients with checkpointing
+on and off, bf16 autocast, the internal padding, a state-dict rebuild and the documented sizes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.ncsnpp import (
+from models.refiner.ncsnpp import (
     FIR_TAPS,
     RECIPE,
     TINY,

@@ -1,7 +1,7 @@
-"""The refiner's diffusion (models/sdes.py, models/samplers.py): closed-form marginals against
-numerical integration of their defining equations, samplers driven by oracle networks of one
-known clean spectrogram, the losses at the oracle, reproducible and batch-independent noise,
-gradients and bf16 autocast."""
+"""The refiner's diffusion (models/refiner/sdes.py, models/refiner/samplers.py): closed-form
+marginals against numerical integration of their defining equations, samplers driven by oracle
+networks of one known clean spectrogram, the losses at the oracle, reproducible and
+batch-independent noise, gradients and bf16 autocast."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 from scipy import integrate
 from torch import Tensor, nn
 
-from models.samplers import sample_pc, sample_sb
-from models.sdes import OUVESDE, SBVESDE, Noise
+from models.refiner.samplers import sample_pc, sample_sb
+from models.refiner.sdes import OUVESDE, SBVESDE, Noise
 
 C128 = torch.complex128
 SHAPE = (2, 8, 10)  # (B, F, T): 160 complex bins, enough for mean-square errors to concentrate

@@ -1,4 +1,4 @@
-"""The score-based refiner (models/sgmse_refiner.py) as a two-stage model: its spectral
+"""The score-based refiner (models/refiner/refiner.py) as a two-stage model: its spectral
 transform, a first stage taken from a checkpoint and frozen, a refiner checkpoint that rebuilds
 both stages alone, the trainer's handling of a family with its own objective, and the config's
 refusals. The registry contract (length, scale, windows, bf16) is tests/test_families.py's."""
@@ -16,8 +16,8 @@ import inference
 import train
 from config import ConfigError, load_config, model_kwargs
 from models import registry
+from models.refiner.refiner import CompressedSpectrogram, SGMSERefiner
 from models.registry import build_model, checkpoint_payload, load_model
-from models.sgmse_refiner import CompressedSpectrogram, SGMSERefiner
 from tests.packed_data import packed_subset
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from losses.separation import si_sdr_loss
-from models.conv_norms import GlobalLayerNorm
+from models.layers.conv_norms import GlobalLayerNorm
 from models.spex_plus import SpExPlus, SpExPlusArgs
 
 SR = 48_000

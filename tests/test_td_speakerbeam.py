@@ -13,7 +13,7 @@ import torch
 
 from dsp.level import rms_scale
 from losses.separation import si_sdr
-from models.conv_norms import GlobalLayerNorm
+from models.layers.conv_norms import GlobalLayerNorm
 from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
 SAMPLE_RATE = 48_000

@@ -6,7 +6,7 @@ The algorithms follow sgmse (sp-uhh/sgmse, MIT, Universität Hamburg): ``get_pc_
 ``predictors.py``, ``correctors.py``), as in Richter et al. 2023, "Speech Enhancement and
 Dereverberation with Diffusion-based Generative Models" and StoRM (Lemercier et al. 2023), and
 ``get_sb_sampler`` (itself from NVIDIA NeMo) for Jukić et al. 2024, "Schrödinger Bridge for
-Generative Speech Enhancement". See ``models/sdes.py`` for the SDEs and conventions.
+Generative Speech Enhancement". See ``models/refiner/sdes.py`` for the SDEs and conventions.
 
 Each step calls the network once (the PC sampler once more per corrector step), and nothing in
 the loops reads a device tensor on the host: the time grid and the bridge's step weights are
@@ -23,7 +23,16 @@ import torch
 from torch import Tensor
 
 from dsp.precision import autocast_off
-from models.sdes import OUVESDE, SBVESDE, NetworkFn, Noise, _b, _full_t, _working, randn_like
+from models.refiner.sdes import (
+    OUVESDE,
+    SBVESDE,
+    NetworkFn,
+    Noise,
+    _b,
+    _full_t,
+    _working,
+    randn_like,
+)
 
 
 @torch.no_grad()

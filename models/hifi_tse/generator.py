@@ -7,22 +7,16 @@ ref -> STFT -> BandSplitEncoder (shared weights) -------^
 
 from __future__ import annotations
 
-import re
-import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from dsp.level import rms_scale
 from dsp.stft import STFT
-from models.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
-from models.conditioning import EMBEDDING_DIM, SpeakerReference, speaker_encoder
-from models.tf_gridnet import SpeakerReinjectLayer, TFGridNetBlock
-from models.usef import FiLMLayer, USEFCrossAttention
+from models.hifi_tse.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
+from models.hifi_tse.tf_gridnet import TFGridNetBlock
+from models.layers.conditioning import ReferenceConditioned, SpeakerReference
 
 
 @dataclass
@@ -45,11 +39,11 @@ class HiFiTSEArgs:
     use_film: bool = True
     # The TF-GridNet blocks' intra-frame and sub-band paths: "lstm" (BiLSTMs of lstm_hidden, the
     # recipe) or "mamba" (bidirectional Mambas of the two sizes below; lstm_hidden is then
-    # unused), see models/mamba.py. Checkpoints from before this key are lstm.
+    # unused), see models/layers/mamba.py. Checkpoints from before this key are lstm.
     sequence_layer: str = "lstm"
     mamba_d_state: int = 16  # SSM state size N (mamba-ssm's default)
     mamba_expand: int = 2  # inner width = mamba_expand * feature_dim (mamba-ssm's default)
-    # A frozen pretrained speaker encoder beside the learnt reference path (models/ge2e.py):
+    # A frozen pretrained speaker encoder beside the learnt reference path (models/layers/ge2e.py):
     # "none" or "ge2e" (Resemblyzer's GE2E d-vector, added to FiLM's speaker vector and
     # scaling and shifting the stream at every re-injection layer).
     speaker_embedding: str = "none"
@@ -61,55 +55,7 @@ class HiFiTSEArgs:
 
 # Constructor arguments that checkpoints written by earlier versions carry and the generator no
 # longer takes (grad_checkpoint is now train.grad_checkpoint).
-LEGACY_MODEL_ARGS = ("grad_checkpoint",)
-
-
-def current_model_args(model_args: dict[str, Any]) -> dict[str, Any]:
-    """``model_args`` of a checkpoint of any version, without the keys that were retired."""
-    return {k: v for k, v in model_args.items() if k not in LEGACY_MODEL_ARGS}
-
-
-class CheckpointError(ValueError):
-    """A file that is not a usable HiFi-TSE checkpoint; the message names the file."""
-
-
-def one_line(text: str) -> str:
-    """A checkpoint loader's message on one line, without torch's advice to unpickle anyway."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # terminal colour codes
-    unpickler = re.search(r"WeightsUnpickler error: ([^\n]*)", text)
-    if unpickler:
-        path = text.split(": ", 1)[0]
-        reason = unpickler.group(1).split(". Please")[0].rstrip(".")
-        if "Unsupported global" in reason:
-            return (
-                f"{path}: not a HiFi-TSE checkpoint (it holds pickled objects other than "
-                f"tensors, which are never unpickled: {reason})"
-            )
-        return f"{path}: not a HiFi-TSE checkpoint (not a torch.save file: {reason})"
-    return " ".join(text.split())
-
-
-def read_checkpoint(path: Path) -> dict[str, Any]:
-    """A HiFi-TSE checkpoint's dict, read once with ``weights_only=True``, with one-line errors
-    naming ``path``.
-
-    A file in torch's zip format is memory-mapped: a training checkpoint's optimizer and
-    discriminator states are never copied into memory, only what ``build_generator`` takes.
-    """
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        ckpt = torch.load(
-            path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
-        )
-    except Exception as err:  # torch raises many types for a non-checkpoint file
-        raise CheckpointError(one_line(f"{path}: not a loadable checkpoint ({err})")) from None
-    if not isinstance(ckpt, dict) or "model_args" not in ckpt or "generator" not in ckpt:
-        raise CheckpointError(f"{path}: not a HiFi-TSE checkpoint (no model_args/generator)")
-    return ckpt
-
-
-class Generator(nn.Module):
+class Generator(ReferenceConditioned):
     """BSRNN band split + USEF + FiLM + TF-GridNet target speaker extractor.
 
     Keyword arguments are the ``stft`` and ``model`` config sections (``config.model_kwargs``);
@@ -145,8 +91,6 @@ class Generator(nn.Module):
         super().__init__()
         band_regions = band_regions or [[0, 1000, 10], [1000, 8000, 28], [8000, 24000, 15]]
         reinject_at = list(range(n_blocks)) if reinject_at is None else list(reinject_at)
-        if any(not 0 <= i < n_blocks for i in reinject_at):
-            raise ValueError(f"reinject_at {reinject_at} names a block outside 0..{n_blocks - 1}")
         self.sample_rate = sample_rate
         # Per-block activation checkpointing while training: a runtime memory setting that the
         # trainer sets (train.grad_checkpoint), not a constructor argument, so a checkpoint's
@@ -162,32 +106,21 @@ class Generator(nn.Module):
         self.bands = bands
         attn = {"feature_dim": feature_dim, "n_heads": n_heads, "qk_per_band": qk_per_band}
         self.encoder = BandSplitEncoder(bands=bands, feature_dim=feature_dim)
-        self.usef = USEFCrossAttention(**attn)
-        self.pretrained_encoder = speaker_encoder(speaker_embedding, sample_rate)
-        emb = {"embedding_dim": EMBEDDING_DIM if self.pretrained_encoder is not None else 0}
-        self.film = FiLMLayer(feature_dim=feature_dim, **emb) if use_film else None
+        reinject = self._build_entry(feature_dim=feature_dim, attn=attn, use_film=use_film,
+                                     speaker_embedding=speaker_embedding, sample_rate=sample_rate)
         if n_speakers and not use_film:
             raise ValueError("n_speakers (a speaker head on FiLM's speaker vector) needs use_film")
         self.speaker_head = nn.Linear(feature_dim, n_speakers) if n_speakers > 0 else None
         sequence = {"sequence_layer": sequence_layer, "lstm_hidden": lstm_hidden,
                     "mamba_d_state": mamba_d_state, "mamba_expand": mamba_expand}
         self.blocks = nn.ModuleList(TFGridNetBlock(**sequence, **attn) for _ in range(n_blocks))
-        self.reinject = nn.ModuleDict(
-            {str(i): SpeakerReinjectLayer(**attn, **emb) for i in sorted(set(reinject_at))}
-        )
+        self._build_reinjection(reinject_at, reinject)
         self.decoder = BandMergeDecoder(
             bands=bands,
             feature_dim=feature_dim,
             mask_hidden=mask_hidden,
             n_bins=self.stft.n_bins,
         )
-
-    def _block(
-        self, i: int, z: torch.Tensor, frames: torch.Tensor, embedding: torch.Tensor | None
-    ) -> torch.Tensor:
-        if str(i) in self.reinject:
-            z = self.reinject[str(i)](z, frames, embedding)
-        return self.blocks[i](z)
 
     def forward(
         self, mix: torch.Tensor, ref: torch.Tensor, *, with_aux: bool = False
@@ -213,9 +146,7 @@ class Generator(nn.Module):
             ref (B, M) -> frames (B, S, K, D), embedding (B, 256) or None
         """
         ref_scale = rms_scale(ref)  # (B, 1)
-        frames = self.encoder(self.stft(ref.float() / ref_scale))
-        embedding = None if self.pretrained_encoder is None else self.pretrained_encoder(ref)
-        return SpeakerReference(frames, embedding)
+        return self.speaker_reference(self.encoder(self.stft(ref.float() / ref_scale)), ref)
 
     def extract(
         self, mix: torch.Tensor, z_ref: SpeakerReference, scale: torch.Tensor | None = None
@@ -229,20 +160,11 @@ class Generator(nn.Module):
         Shape:
             mix (B, N), z_ref (frames (B, S, K, D), embedding), scale (B, 1) -> (B, N)
         """
-        frames, embedding = z_ref
         n_samples = mix.shape[-1]
         # Scale-free input: the network sees unit-RMS signals, the estimate gets the mix's scale.
         scale = rms_scale(mix) if scale is None else scale.float()  # (B, 1)
         mix_spec = self.stft(mix.float() / scale)  # (B, F, T) complex
         z = self.encoder(mix_spec)  # (B, T, K, D)
-        z = self.usef(z, frames)
-        if self.film is not None:
-            z = self.film(z, frames, embedding)
-        use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
-        for i in range(len(self.blocks)):
-            if use_ckpt:
-                z = checkpoint(self._block, i, z, frames, embedding, use_reentrant=False)
-            else:
-                z = self._block(i, z, frames, embedding)
+        z = self.conditioned_blocks(z, z_ref)
         est_spec = self.decoder(z, mix_spec)  # (B, F, T) complex
         return self.stft.inverse(est_spec, n_samples) * scale

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.conditioning import EmbeddingFiLM
-from models.mamba import BiMamba
-from models.usef import FrameAttention
+from models.layers.mamba import BiMamba
+from models.layers.usef import FrameAttention
 
 SEQUENCE_LAYERS = ("lstm", "mamba")
 PROBE_SHAPE = (2, 5, 8)  # (N, L, D) of the start-up bf16 LSTM probe: small, but a real LSTM
@@ -140,31 +139,3 @@ class TFGridNetBlock(nn.Module):
         x = x + self.inter(across_time).view(b, k, t, d).transpose(1, 2)
         y = self.attn_norm(x)
         return x + self.attn(y, y)
-
-
-class SpeakerReinjectLayer(nn.Module):
-    """Cross-attention from the current mixture stream to the reference embedding, added as a
-    residual, so that deep blocks are reminded which speaker to keep. With ``embedding_dim`` > 0
-    a pretrained speaker embedding then scales and shifts the stream (``EmbeddingFiLM``).
-
-    Shape:
-        x (B, T, K, D), z_ref (B, S, K, D), embedding (B, E) -> (B, T, K, D)
-    """
-
-    def __init__(
-        self, *, feature_dim: int, n_heads: int, qk_per_band: int, embedding_dim: int = 0
-    ) -> None:
-        super().__init__()
-        self.norm_x = nn.LayerNorm(feature_dim)
-        self.norm_ref = nn.LayerNorm(feature_dim)
-        self.attn = FrameAttention(
-            feature_dim=feature_dim, n_heads=n_heads, qk_per_band=qk_per_band
-        )
-        self.film = (EmbeddingFiLM(embedding_dim=embedding_dim, feature_dim=feature_dim)
-                     if embedding_dim else None)
-
-    def forward(
-        self, x: torch.Tensor, z_ref: torch.Tensor, embedding: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        x = x + self.attn(self.norm_x(x), self.norm_ref(z_ref))
-        return x if self.film is None else self.film(x, embedding)

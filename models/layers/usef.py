@@ -83,7 +83,7 @@ class FiLMLayer(nn.Module):
     mean and std over time go through a shared nonlinear layer, are averaged over bands, and
     give the scale and shift. Starts as the identity (zero-initialised output projection), so
     FiLM can only add conditioning. With ``embedding_dim`` > 0, a pretrained speaker embedding
-    (models/ge2e.py) is projected and added to the pooled speaker vector.
+    (models/layers/ge2e.py) is projected and added to the pooled speaker vector.
 
     Shape:
         z (B, T, K, D), z_ref (B, S, K, D), embedding (B, E) -> (B, T, K, D)

@@ -6,7 +6,7 @@ generator is then pushed towards ``D(target, estimate) = 1`` (losses/adversarial
 along the gradient of a smooth surrogate of PESQ, which itself has none.
 
 The network follows SEMamba's ``MetricDiscriminator`` (RoyChao19477/SEMamba, MIT,
-``models/discriminator.py``, after MP-SENet's) closely: the target's and the estimate's
+``models/discriminators/hifigan.py``, after MP-SENet's) closely: the target's and the estimate's
 compressed magnitude spectrograms stacked as two channels, four spectral-norm 2-D convolutions
 (kernel 4, stride 2, no bias) each with instance norm and PReLU, channels 16 -> 32 -> 64 -> 128,
 global max pooling, spectral-norm linear layers 128 -> 64 -> 1 with dropout and PReLU between,

@@ -14,8 +14,8 @@ sampler (OUVE: predictor-corrector from E + noise; SBVE: Schrödinger bridge fro
 The SDE's "noisy" end is the first stage's estimate E (StoRM): the diffusion only has to
 travel from what the extractor produced to the clean target. The spectral transform and the
 EARS 48 kHz values follow sgmse (github sp-uhh/sgmse, MIT, Copyright (c) 2022 Signal
-Processing, Universität Hamburg); the SDEs and samplers are models/sdes.py and
-models/samplers.py, the network models/ncsnpp.py.
+Processing, Universität Hamburg); the SDEs and samplers are models/refiner/sdes.py and
+models/refiner/samplers.py, the network models/refiner/ncsnpp.py.
 
 Training (``train.py``, ``loss.score_matching``): the first stage runs without gradients, and
 only the score network learns, from the SDE's loss (denoising score matching for OUVE, data
@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,9 +35,9 @@ from torch import nn
 
 from dsp.level import rms_scale
 from dsp.stft import STFT
-from models.ncsnpp import NCSNpp
-from models.samplers import sample_pc, sample_sb
-from models.sdes import OUVESDE, SBVESDE
+from models.refiner.ncsnpp import NCSNpp
+from models.refiner.samplers import sample_pc, sample_sb
+from models.refiner.sdes import OUVESDE, SBVESDE
 
 SDES = ("ouve", "sbve")
 SB_SAMPLERS = ("ode", "sde")
@@ -56,7 +55,7 @@ MAG_EPS = 1e-12
 class SGMSERefinerArgs:
     """The refiner's arguments besides the sample rate (``model`` section,
     ``arch: sgmse_refiner``). Defaults: SGMSE's EARS 48 kHz transform, its OUVE SDE and PC
-    sampler, and a compact NCSN++ for one 24 GB GPU (models/ncsnpp.py: RECIPE)."""
+    sampler, and a compact NCSN++ for one 24 GB GPU (models/refiner/ncsnpp.py: RECIPE)."""
 
     # The first stage: a trained extractor's checkpoint of any family. Its model arguments are
     # copied into this model's (``first_stage``) and its (EMA) weights into this model's at
@@ -72,9 +71,10 @@ class SGMSERefinerArgs:
     hop_length: int = 384
     spec_factor: float = 0.065
     spec_abs_exponent: float = 0.667
-    # The SDE (models/sdes.py): ouve (score matching, PC sampler) or sbve (Schrödinger bridge,
-    # data prediction). OUVE at the EARS 48 kHz recipe's values (sgmse README: theta 2,
-    # sigma_min 0.1, sigma_max 1; its 16 kHz defaults are 1.5, 0.05, 0.5), SBVE at sgmse's.
+    # The SDE (models/refiner/sdes.py): ouve (score matching, PC sampler) or sbve
+    # (Schrödinger bridge, data prediction). OUVE at the EARS 48 kHz recipe's values (sgmse
+    # README: theta 2, sigma_min 0.1, sigma_max 1; its 16 kHz defaults are 1.5, 0.05, 0.5), SBVE
+    # at sgmse's.
     sde: str = "ouve"
     theta: float = 2.0
     sigma_min: float = 0.1
@@ -92,7 +92,7 @@ class SGMSERefinerArgs:
     sb_sampler: str = "ode"
     val_steps: int = 8
     seed: int = 0
-    # The score network (models/ncsnpp.py): its RECIPE, sgmse's 48 kHz layout at half the
+    # The score network (models/refiner/ncsnpp.py): its RECIPE, sgmse's 48 kHz layout at half the
     # width (16.1 M parameters; sgmse's nf 128 is 64.5 M)
     nf: int = 64
     ch_mult: list[int] = field(default_factory=lambda: [1, 1, 2, 2, 2, 2, 2])
@@ -126,13 +126,18 @@ class CompressedSpectrogram(nn.Module):
 
 class SGMSERefiner(nn.Module):
     """First stage (frozen) + score-based refiner; the registry's contract
-    (models/registry.py), with ``target=`` in training (see the module docstring)."""
+    (models/registry.py), with ``target=`` in training (see the module docstring).
+
+    ``first_stage`` is the extractor it refines, built by the registry from the ``first_stage``
+    model_args (a family never imports the registry); ``first_stage_ckpt`` names the file whose
+    weights ``models.registry.load_first_stage`` copies into it when a training run starts.
+    """
 
     def __init__(
         self,
         *,
         sample_rate: int,
-        first_stage: dict[str, Any],
+        first_stage: nn.Module | None,
         first_stage_ckpt: str = "",
         n_fft: int = 1534,
         hop_length: int = 384,
@@ -158,20 +163,18 @@ class SGMSERefiner(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        from models.registry import build_model  # the registry imports this module
-
         if sde not in SDES:
             raise ValueError(f"sde {sde!r}: expected one of {', '.join(SDES)}")
         if sb_sampler not in SB_SAMPLERS:
             raise ValueError(f"sb_sampler {sb_sampler!r}: expected one of {', '.join(SB_SAMPLERS)}")
-        if not first_stage:
+        if first_stage is None:
             raise ValueError("the refiner needs a first stage: set first_stage_ckpt (a trained "
                              "extractor's checkpoint) or first_stage (its model_args)")
         if n_steps < 1 or val_steps < 1:
             raise ValueError(f"n_steps {n_steps} and val_steps {val_steps} must be >= 1")
         self.sample_rate = sample_rate
         self.first_stage_ckpt = first_stage_ckpt
-        self.first_stage = build_model(first_stage)
+        self.first_stage = first_stage
         if getattr(self.first_stage, "sample_rate", sample_rate) != sample_rate:
             raise ValueError(f"the first stage runs at {self.first_stage.sample_rate} Hz, the "
                              f"refiner at {sample_rate} Hz")
@@ -216,16 +219,6 @@ class SGMSERefiner(nn.Module):
             yield
         finally:
             self.n_steps = steps
-
-    def load_first_stage(self) -> None:
-        """The first stage's (EMA) weights from ``first_stage_ckpt``: the start of a training
-        run (a refiner checkpoint holds them itself)."""
-        from models.registry import load_model
-
-        if not self.first_stage_ckpt:
-            return
-        trained = load_model(Path(self.first_stage_ckpt))
-        self.first_stage.load_state_dict(trained.state_dict())
 
     # -- the network in the spectral domain ----------------------------------------------------
 
