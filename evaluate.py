@@ -10,7 +10,7 @@ to the wrong speaker, to silence, to quality without a target and to words.
 
 The samples (``evaluation/sources.py``): the fixed validation list of the checkpoint's config,
 a triplet folder (flat or ``mix/ refs/ targets/``), or a CSV list. The generator runs in the main
-process through ``inference.Extractor`` (``evaluation/runner.py``), exactly as inference.py
+process through ``Extractor`` (extraction/) (``evaluation/runner.py``), exactly as inference.py
 extracts; with ``--chunk`` also chunk by chunk, as a streaming system would. The metrics
 (``evaluation/metrics.py``, groups chosen by ``eval.metrics`` or ``--metrics``) run in
 ``--jobs`` worker processes; one that crashes or hangs (``--metric-timeout``) costs that metric
@@ -73,7 +73,7 @@ from evaluation.sources import (
     validation_samples,
     with_transcripts,
 )
-from inference import Extractor, InferenceError, resolve_device
+from extraction.extractor import Extractor, InferenceError, resolve_device
 from models.registry import (
     ARCH_KEY,
     CheckpointError,

@@ -2,7 +2,7 @@
 
     python bench/bench_inference.py [--threads 2] [--full] [--no-write]
 
-Each case runs ``inference.Extractor`` on one file in a fresh subprocess, so the peak RSS
+Each case runs ``Extractor`` (extraction/) on one file in a fresh subprocess, so the peak RSS
 (``resource.getrusage(...).ru_maxrss``, the kernel's high-water mark of resident memory) belongs
 to that case alone; tracemalloc would miss torch's allocations. The models have random weights
 (the speed and memory of a trained model are the same). Inputs are a 10 s real mixture (RAVDESS
@@ -41,7 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import machine, markdown_table, print_json, write_section
 from config import load_config, model_kwargs
 from dsp.audio import SAMPLE_RATE, load_audio
-from inference import OVERLAP_SECONDS, WINDOW_SECONDS, Extractor, Job
+from extraction.extractor import Extractor, Job
+from extraction.windows import OVERLAP_SECONDS, WINDOW_SECONDS
 from models.registry import build_model, checkpoint_payload, load_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def main() -> None:
     )
     body = (
         "## Inference (`bench/bench_inference.py`)\n\n"
-        f"Machine: {machine()}; {args.threads} threads per case. `inference.Extractor` on one "
+        f"Machine: {machine()}; {args.threads} threads per case. `Extractor` (extraction/) on one "
         f"48 kHz 16-bit WAV per case ({WINDOW_SECONDS:g} s windows, {OVERLAP_SECONDS:g} s "
         "cross-fades, reference encoded once), each case in a fresh process; peak RSS is that "
         "process's `ru_maxrss`. Random weights (a trained model costs the same). Inputs: a 10 s "

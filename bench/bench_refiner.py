@@ -6,7 +6,7 @@
 Takes a refiner checkpoint (``arch: sgmse_refiner``; its first stage is inside it) and a config
 naming a fixed validation list (for the demo configs: the unseen test speakers), and extracts
 every sample with the first stage alone and with the refiner at each number of sampler steps,
-through ``inference.Extractor`` as evaluate.py does. Per system: SI-SDRi, wide-band PESQ and
+through ``Extractor`` (extraction/) as evaluate.py does. Per system: SI-SDRi, wide-band PESQ and
 the 8-24 kHz log-spectral distance of the TP items (``evaluation.metrics``), DNSMOS P.835 of
 the TP estimates at -25 dBFS (``evaluation.dnsmos``), TA suppression, and the extraction time
 per second of audio (wall clock, the first stage included). Prints a table, writes it to
@@ -32,7 +32,7 @@ from evaluation.metrics import DNSMOS_LEVEL_DBFS, MetricSettings
 from evaluation.runner import RunSettings, load_sample
 from evaluation.scoring import row_of
 from evaluation.sources import TP, validation_samples
-from inference import Extractor
+from extraction.extractor import Extractor
 from models.refiner.refiner import SGMSERefiner
 from models.registry import load_model
 
@@ -104,7 +104,7 @@ def main() -> None:
             f"{args.config}'s validation list ({n_tp} TP, {len(samples) - n_tp} TA); the "
             "refiner's OUVE predictor-corrector sampler (one corrector step, so 2N network "
             "calls) at each N, its first stage alone as the baseline, both through "
-            "`inference.Extractor`. SI-SDRi, PESQ (wide-band), LSD and DNSMOS (P.835 at -25 "
+            "`Extractor` (extraction/). SI-SDRi, PESQ (wide-band), LSD and DNSMOS (P.835 at -25 "
             "dBFS) over the TP items, TA suppression over the TA items; time is wall clock per "
             f"second of audio, first stage included.\n\n{table}",
         )

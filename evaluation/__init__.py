@@ -4,7 +4,7 @@
 * ``metrics``: one function per metric, each with its definition, reference, input rate and
   what it does with a long signal;
 * ``scoring``: the metrics grouped into units (what a crash costs) and a sample's row;
-* ``runner``: extraction through ``inference.Extractor`` (whole and chunked), skipped samples;
+* ``runner``: extraction through ``Extractor`` (extraction/) (whole and chunked), skipped samples;
 * ``isolation``: the metric worker processes, crash and hang detection, scratch files;
 * ``report``: statistics, breakdowns, the CSV/JSON/Markdown outputs and the figures;
 * ``signal``: long-signal helpers (segments, blocks, streaming resampling);

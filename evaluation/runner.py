@@ -1,7 +1,7 @@
 """The evaluation run: the generator in the main process, the metrics in worker processes.
 
 Each sample is loaded (and, with ``lufs``, its mixture loudness-normalised), extracted through
-``inference.Extractor`` as inference.py extracts it (whole file: windows, cross-fades, one level
+``Extractor`` (extraction/) as inference.py extracts it (whole file: windows, cross-fades, one level
 per file) and, with ``chunk``, a second time chunk by chunk as a streaming system would
 (``Extractor.extract_chunked``). The metrics, which are CPU-heavy, run in ``jobs`` spawned
 worker processes (``evaluation/isolation.py``) while the next sample is extracted. A sample
@@ -29,7 +29,7 @@ from evaluation.metrics import STREAM_PREFIX, MetricSettings, reference_sensitiv
 from evaluation.scoring import UNITS, nan_row, score, units_of
 from evaluation.signal import energy
 from evaluation.sources import TP, EvalInputError, Sample, SampleSource, Skipped, one_line
-from inference import Extractor, InferenceError
+from extraction.extractor import Extractor, InferenceError
 
 log = logging.getLogger("evaluate")
 

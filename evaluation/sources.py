@@ -23,7 +23,7 @@ similarity to the reference, WER with a transcript). An all-zero target file is 
 Files may have any sample rate, sample format and channel count: ``load_audio`` downmixes and
 resamples them to 48 kHz. The target is cut or zero-padded to the mixture's length (they may be
 at most ``MAX_LENGTH_MISMATCH_SECONDS`` apart). Of a reference only the first
-``inference.MAX_REF_SECONDS`` are read.
+``extraction.reference.MAX_REF_SECONDS`` are read.
 
 A bad sample costs that sample, not the run: the listing functions return, beside the sources,
 the ``Skipped`` samples, each with one line naming its file and the problem (a missing mixture
@@ -54,7 +54,7 @@ import soxr
 from config import Config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from dsp.audio import SAMPLE_RATE, AudioError, load_audio
-from inference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, read_reference
+from extraction.reference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, read_reference
 
 log = logging.getLogger("evaluate")
 

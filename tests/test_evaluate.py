@@ -266,7 +266,7 @@ import torch
 import evaluate
 from evaluation.runner import RunSettings, extract_all
 from evaluation.sources import triplet_samples
-from inference import Extractor
+from extraction.extractor import Extractor
 torch.set_num_threads(1)
 args = evaluate.build_parser().parse_args(sys.argv[1:])
 extractor = Extractor(evaluate.load_checkpoint(args).model, device="cpu")

@@ -41,7 +41,7 @@ from evaluation.sources import (
     triplet_samples,
     with_transcripts,
 )
-from inference import Extractor
+from extraction.extractor import Extractor
 from models.layers.conditioning import encode_references
 from models.registry import build_model, checkpoint_payload
 

@@ -16,22 +16,19 @@ import pytest
 import soundfile as sf
 import torch
 
-import inference
 from config import load_config, model_kwargs
-from dsp.audio import SAMPLE_RATE, AudioError, load_audio
-from inference import (
-    MIN_REF_PEAK_DBFS,
-    REF_FRAME_SECONDS,
-    Extractor,
-    InferenceError,
-    Job,
-    check_reference,
+from dsp.audio import (
+    SAMPLE_RATE,
+    AudioError,
     fit_length,
-    main,
-    overlap_add,
-    plan_windows,
+    load_audio,
+    resample_stream,
     resampled_length,
 )
+from extraction.extractor import Extractor, InferenceError, Job
+from extraction.reference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, check_reference
+from extraction.windows import overlap_add, plan_windows
+from inference import main
 from models.layers.conditioning import pool_references
 from models.registry import build_model, checkpoint_payload, load_model
 
@@ -150,7 +147,7 @@ def test_overlap_add_streams_in_bounded_memory() -> None:
 
 def test_resampled_length_matches_soxr() -> None:
     for sr_in, n in ((44_100, 132_301), (16_000, 32_007), (22_050, 1), (96_000, 96_001)):
-        blocks = inference.resample_stream([np.zeros(n, np.float32)], sr_in, SAMPLE_RATE)
+        blocks = resample_stream([np.zeros(n, np.float32)], sr_in, SAMPLE_RATE)
         assert sum(b.shape[0] for b in blocks) == resampled_length(n, sr_in, SAMPLE_RATE)
     assert sum(b.shape[0] for b in fit_length([np.ones(5, np.float32)] * 3, 12)) == 12
 

@@ -13,8 +13,8 @@ import soxr
 import torch
 
 from dsp.audio import SAMPLE_RATE, load_audio
+from extraction.pcs import pcs, pcs_gains, pcs_stream, stft_sizes
 from inference import main
-from models.pcs import pcs, pcs_gains, pcs_stream, stft_sizes
 from tests.test_inference import tiny_checkpoint
 
 RAVDESS = "speech/ravdess"
