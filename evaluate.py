@@ -1,5 +1,6 @@
-"""Evaluate a checkpoint of any model family (SPEC §5): what a TSE model does to the target,
-to the wrong speaker, to silence, to quality without a target and to words.
+"""Evaluate a checkpoint of any model family (doc/design.md, "Evaluation and inference"): what a TSE
+model does to the target, to the wrong speaker, to silence, to quality without a target and to
+words.
 
     python evaluate.py --ckpt runs/hifi_tse/best.pt --out-dir runs/hifi_tse/eval   # validation set
     python evaluate.py --ckpt best.pt --out-dir eval --triplets pairs/   # ID-mixed/-ref/-target.wav

@@ -57,6 +57,8 @@ from bench.report import machine, markdown_table, print_json, write_section  # n
 from config import load_config, model_kwargs  # noqa: E402
 from data.prepare_manifest import prepare  # noqa: E402
 from models.registry import build_model  # noqa: E402
+from training.nets import build_nets  # noqa: E402
+from training.step_log import StepLog  # noqa: E402
 
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
 RECIPE_CONFIG = REPO / "configs" / "hifi_tse.yaml"
@@ -205,7 +207,7 @@ def recipe_child(threads: int) -> None:
     torch.manual_seed(0)
     # One micro-step per update, in float32 (the CPU has no fast bf16 here).
     cfg = load_config(RECIPE_CONFIG, ["optim.grad_accum=1", "train.precision=fp32"])
-    nets = train.build_nets(cfg, torch.device("cpu"))
+    nets = build_nets(cfg, torch.device("cpu"))
     n_samples = round(SEGMENT_SECONDS * cfg.stft.sample_rate)  # 192000
     mix, ref, target = (0.1 * torch.randn(RECIPE_BATCH, n_samples) for _ in range(3))
     batch = {"mix": mix, "ref": ref, "target": target,
@@ -214,7 +216,7 @@ def recipe_child(threads: int) -> None:
     for step in range(RECIPE_STEPS):
         start = time.perf_counter()
         train.micro_step(nets, cfg, batch, step=step, autocast=contextlib.nullcontext(),
-                         step_log=train.StepLog())
+                         step_log=StepLog())
         train.update(nets, cfg, step + 1)
         times.append(time.perf_counter() - start)
     print(

@@ -85,7 +85,8 @@ from data.demo_corpus import coloured_noise, random_voice, synthesize  # noqa: E
 from dsp.audio import SAMPLE_RATE  # noqa: E402
 from losses.separation import si_sdr_loss  # noqa: E402
 from models.registry import build_model, checkpoint_payload  # noqa: E402
-from train import log_events  # noqa: E402
+from training.nets import build_nets  # noqa: E402
+from training.step_log import StepLog, log_events  # noqa: E402
 
 RECIPE_CONFIG = REPO / "configs" / "hifi_tse.yaml"
 TINY_CONFIG = REPO / "configs" / "tiny.yaml"
@@ -362,14 +363,14 @@ def sync_child() -> dict[str, Any]:
                                     "gan.start_step=0", "gan.d_warmup_steps=0",
                                     "gan.periods=[2, 3]", "gan.n_scales=2"])
     torch.manual_seed(0)
-    nets = train.build_nets(cfg, device)
+    nets = build_nets(cfg, device)
     n = round(SYNC_SECONDS * cfg.stft.sample_rate)
     mix, ref, target = (0.1 * torch.randn(FWD_BATCH, n, device=device) for _ in range(3))
     is_ta = torch.arange(FWD_BATCH, device=device) == 0
     batch = {"mix": mix, "ref": ref, "target": torch.where(is_ta[:, None], 0.0, target),
              "is_ta": is_ta}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    step_log = train.StepLog()
+    step_log = StepLog()
     # A first micro-step outside the check: lazy initialisation (cuDNN handles, allocator).
     train.micro_step(nets, cfg, batch, step=0, autocast=autocast, step_log=step_log)
     torch.cuda.synchronize(device)

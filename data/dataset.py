@@ -1,6 +1,6 @@
 """The dynamic-mixing dataset: every training sample is built on the fly from packed HDF5 audio.
 
-One sample (SPEC §3), for a target speaker T and 4 s segments:
+One sample (doc/design.md, "Data pipeline"), for a target speaker T and 4 s segments:
 
 1. T and two different utterances of T: one for the mixture, one for the reference.
 2. Target present (TP) or, with probability ``ta_prob``, target absent (TA).
@@ -186,10 +186,10 @@ class HiFiTSEDataset(Dataset):
         max_interferers: int = 3,
         level_db: tuple[float, float] | list[float] = (-35.0, -15.0),
         sir_db: tuple[float, float] | list[float] = (-5.0, 5.0),
-        snr_db: tuple[float, float] | list[float] = (-5.0, 15.0),  # SPEC §3 step 5
+        snr_db: tuple[float, float] | list[float] = (-5.0, 15.0),  # doc/design.md, "Data pipeline"
         ref_level_db: tuple[float, float] | list[float] = (-35.0, -15.0),
         ref_snr_db: tuple[float, float] | list[float] = (0.0, 20.0),
-        ta_prob: float = 0.0,  # phase 1 has no target-absent samples (SPEC §4)
+        ta_prob: float = 0.0,  # phase 1 has no target-absent samples (doc/design.md, "Training")
         noisy_ref_prob: float = 0.0,
         target_type: str = "reverberant",
         early_reverb_ms: float = 50.0,

@@ -59,11 +59,11 @@ META_TYPES: dict[str, type] = {"n_interferers": int, "snr_db": float, "ref_noisy
 TEXT_FIELDS = ("id", "condition", "notes")
 
 # The seed system's published results on its own 48 kHz test set (200 samples: 158 TP + 42 TA),
-# not the samples of this evaluation: comparable in kind, not item by item. v1: SPEC §6. v2:
-# 11.79 M parameters after 1.5 M steps on an RTX 4090, the figure a GPU run of the recipe must
-# beat.
+# not the samples of this evaluation: comparable in kind, not item by item (doc/design.md, "The
+# seed system's results"). v2: 11.79 M parameters after 1.5 M steps on an RTX 4090, the figure a
+# GPU run of the recipe must beat.
 SEED_REFERENCES = (
-    {"label": "seed v1 (SPEC §6; its own test set, 158 TP + 42 TA)",
+    {"label": "seed v1 (doc/design.md; its own test set, 158 TP + 42 TA)",
      "si_sdr": -1.87, "si_sdri": 4.01, "pesq": 1.15, "stoi": 0.488,
      "ta_suppression_db": 11.2, "params": 7.8e6},
     {"label": "seed v2, 1.5 M steps (its own test set, 158 TP + 42 TA): the recipe's GPU target",
@@ -543,8 +543,8 @@ def _stream_section(info: dict[str, Any], summary: dict[str, Any],
 
 def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict],
                   columns: Sequence[str]) -> str:
-    """The Markdown report: headline (as SPEC §6), wrong speaker and target-free measures,
-    chunked extraction, distributions, breakdown, failures, examples."""
+    """The Markdown report: headline (as doc/design.md's seed results), wrong speaker and
+    target-free measures, chunked extraction, distributions, breakdown, failures, examples."""
     whole = [c for c in columns if not c.startswith(STREAM_PREFIX)]
     counts = ", ".join(f"{info[f'n_{c.lower()}']} {c}" for c in CONDITIONS
                        if info[f"n_{c.lower()}"])

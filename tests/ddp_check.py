@@ -29,6 +29,10 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 
 import train
 from config import load_config
+from training.distributed import ranks_in_sync
+from training.nets import build_nets, wrap_ddp
+from training.step_log import StepLog
+from training.validation import validate
 
 REPO = Path(__file__).resolve().parents[1]
 ACCUM = 4  # micro-steps per update
@@ -52,10 +56,10 @@ def check_grads(report: dict, rank: int, world: int) -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml", [f"optim.grad_accum={ACCUM}"])
     device = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
-    nets = train.build_nets(cfg, device)
-    single = train.build_nets(cfg, device)  # the reference: one process, combined batch
+    nets = build_nets(cfg, device)
+    single = build_nets(cfg, device)  # the reference: one process, combined batch
     single.generator.load_state_dict(nets.generator.state_dict())
-    train.wrap_ddp(nets, device)
+    wrap_ddp(nets, device)
 
     calls: list[int] = []  # the micro-step of every bucket all-reduce
     micro = 0
@@ -77,7 +81,7 @@ def check_grads(report: dict, rank: int, world: int) -> None:
         batch = batch_of(mix[micro, mine], ref[micro, mine], target[micro, mine],
                          is_ta[micro, mine])
         train.micro_step(nets, cfg, batch, step=micro, autocast=no_autocast,
-                         step_log=train.StepLog())
+                         step_log=StepLog())
     grads = flat([p.grad for p in nets.generator.parameters()])
     gathered = [torch.zeros_like(grads) for _ in range(world)]
     dist.all_gather(gathered, grads)
@@ -87,12 +91,12 @@ def check_grads(report: dict, rank: int, world: int) -> None:
         batch = batch_of(mix[micro % ACCUM, mine], ref[micro % ACCUM, mine],
                          target[micro % ACCUM, mine], is_ta[micro % ACCUM, mine])
         train.micro_step(nets, cfg, batch, step=micro, autocast=no_autocast,
-                         step_log=train.StepLog())
+                         step_log=StepLog())
 
     for micro in range(ACCUM):
         batch = batch_of(mix[micro], ref[micro], target[micro], is_ta[micro])
         train.micro_step(single, cfg, batch, step=micro, autocast=no_autocast,
-                         step_log=train.StepLog())
+                         step_log=StepLog())
     reference = flat([p.grad for p in single.generator.parameters()])
     scale = reference.abs().max().item()
     report.update({
@@ -114,10 +118,10 @@ def check_gan(report: dict, rank: int, world: int) -> None:
     ])
     device = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
-    nets = train.build_nets(cfg, device)
+    nets = build_nets(cfg, device)
     before = {"generator": flat(list(nets.generator.state_dict().values())),
               "disc": flat(list(nets.disc.state_dict().values()))}
-    train.wrap_ddp(nets, device)
+    wrap_ddp(nets, device)
     gen = torch.Generator().manual_seed(10 + rank)
     accum = cfg.optim.grad_accum
     for step in range(GAN_UPDATES * accum):
@@ -126,7 +130,7 @@ def check_gan(report: dict, rank: int, world: int) -> None:
         is_ta = torch.ones(PER_RANK, dtype=torch.bool) if rank == 0 else \
             torch.arange(PER_RANK) % 2 == 1
         train.micro_step(nets, cfg, batch_of(mix, ref, target, is_ta), step=step,
-                         autocast=contextlib.nullcontext(), step_log=train.StepLog())
+                         autocast=contextlib.nullcontext(), step_log=StepLog())
         if (step + 1) % accum == 0:
             train.update(nets, cfg, step + 1)
     states = {"generator": nets.generator.state_dict(), "disc": nets.disc.state_dict()}
@@ -140,7 +144,7 @@ def check_gan(report: dict, rank: int, world: int) -> None:
         "world": world,
         "updates": GAN_UPDATES,
         "max_diff_between_ranks": diffs,
-        "in_sync": train.ranks_in_sync(nets),
+        "in_sync": ranks_in_sync(nets),
         # the GAN phase did train both networks
         "changed": {name: not torch.equal(before[name], flat(list(state.values())))
                     for name, state in states.items()},
@@ -151,7 +155,7 @@ def check_validate(report: dict, rank: int, world: int) -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml")
     device = torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
-    nets = train.build_nets(cfg, device)
+    nets = build_nets(cfg, device)
     gen = torch.Generator().manual_seed(3)
     batches = []
     for b in range(3):
@@ -163,9 +167,9 @@ def check_validate(report: dict, rank: int, world: int) -> None:
              "sources": torch.randn(n_pairs, 2, N_SAMPLES, generator=gen)}
     no_pairs = {k: v[:0] for k, v in pairs.items()}
     mine = batches[:2] if rank == 0 else batches[2:]
-    shared, _ = train.validate(nets, cfg, mine, autocast=contextlib.nullcontext(), ddp=True,
+    shared, _ = validate(nets, cfg, mine, autocast=contextlib.nullcontext(), ddp=True,
                                pairs=pairs if rank == 0 else no_pairs)
-    alone, _ = train.validate(nets, cfg, batches, autocast=contextlib.nullcontext(), ddp=False,
+    alone, _ = validate(nets, cfg, batches, autocast=contextlib.nullcontext(), ddp=False,
                               pairs=pairs)
     report.update({"world": world, "shared": shared, "alone": alone})
 

@@ -1,5 +1,5 @@
-"""The dynamic-mixing dataset on packed real recordings: SPEC §3 invariants for many samples,
-reproducibility, DataLoader workers, and corrupt HDF5 entries."""
+"""The dynamic-mixing dataset on packed real recordings: doc/design.md "Data pipeline" invariants
+for many samples, reproducibility, DataLoader workers, and corrupt HDF5 entries."""
 
 from __future__ import annotations
 

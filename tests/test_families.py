@@ -27,6 +27,7 @@ from models import registry
 from models.layers.conditioning import encode_references
 from models.registry import build_model, checkpoint_payload, load_model
 from tests.packed_data import packed_subset
+from training.step_log import log_events
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"hifi_tse": "tiny.yaml", "td_speakerbeam": "td_speakerbeam_tiny.yaml",
@@ -191,7 +192,7 @@ def test_train_py_steps_with_falling_loss(arch: str, tmp_path: Path, data_sectio
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
     train.main(["--config", str(path)])
-    rows = train.log_events(tmp_path / "run" / "train.log")
+    rows = log_events(tmp_path / "run" / "train.log")
     losses = [float(r["loss"]) for r in rows]
     assert len(losses) == 24
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8, losses

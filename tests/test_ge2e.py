@@ -12,11 +12,11 @@ import soundfile as sf
 import soxr
 import torch
 
-import train
 from config import ConfigError, load_config, model_kwargs
 from evaluation.speaker_similarity import _get_encoder, _resemblyzer
 from models.layers import ge2e
 from models.registry import build_model, checkpoint_payload, load_model
+from training.nets import build_nets
 
 REPO = Path(__file__).resolve().parents[1]
 # embed_utterance in numpy/librosa against the torch front end and encoder, both float32: the
@@ -122,7 +122,7 @@ def test_frozen_out_of_optimizer_and_ema(config: str, tmp_path: Path) -> None:
     cfg = load_config(REPO / "configs" / config, ["model.speaker_embedding=ge2e",
                                                    f"train.run_dir={tmp_path}"])
     torch.manual_seed(0)
-    nets = train.build_nets(cfg, torch.device("cpu"))
+    nets = build_nets(cfg, torch.device("cpu"))
     frozen = dict(nets.generator.pretrained_encoder.named_parameters())
     assert frozen
     assert not any(p.requires_grad for p in frozen.values())

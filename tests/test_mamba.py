@@ -401,10 +401,10 @@ def test_checkpoint_without_the_key_loads_as_lstm(tmp_path: Path) -> None:
 def test_adamw_leaves_a_log_and_d_undecayed() -> None:
     """As mamba-ssm: weight decay would pull every channel's A towards -1 and the skip D to 0.
     One AdamW step with zero gradients moves only the decayed parameters."""
-    import train
+    from training.nets import param_groups
 
     model = tiny_mamba()
-    groups = train.param_groups(model, weight_decay=0.1)
+    groups = param_groups(model, weight_decay=0.1)
     exempt = {id(p) for p in groups[1]["params"]}
     named = {id(p): name for name, p in model.named_parameters()}
     assert {named[i].rsplit(".", 1)[-1] for i in exempt} == {"A_log", "D"}
@@ -419,7 +419,7 @@ def test_adamw_leaves_a_log_and_d_undecayed() -> None:
         assert moved == (id(p) not in exempt and bool(before[name].abs().sum() > 0)), name
     # An LSTM generator has nothing tagged: one group, so its optimizer states still resume.
     lstm = build_model(model_kwargs(load_config(TINY)))
-    assert len(train.param_groups(lstm, weight_decay=0.1)) == 1
+    assert len(param_groups(lstm, weight_decay=0.1)) == 1
 
 
 @pytest.mark.parametrize("base", ["hifi_tse.yaml", "tiny.yaml"])

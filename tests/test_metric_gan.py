@@ -31,6 +31,10 @@ from losses.pesq_target import PesqScorer, normalised_pesq
 from models.discriminators.metric_gan import MIN_FRAMES, MetricDiscriminator
 from tests.packed_data import packed_subset
 from tests.test_train import log_lines, write_config
+from training.distributed import ranks_in_sync
+from training.nets import build_nets, wrap_ddp
+from training.state import TrainState, rng_state
+from training.step_log import StepLog
 
 REPO = Path(__file__).resolve().parents[1]
 RAVDESS = "speech/ravdess"
@@ -55,7 +59,7 @@ def scorer() -> Iterator[PesqScorer]:
 def tiny_nets(*overrides: str) -> tuple:
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["optim.grad_accum=1", *overrides])
     torch.manual_seed(0)
-    return cfg, train.build_nets(cfg, torch.device("cpu"))
+    return cfg, build_nets(cfg, torch.device("cpu"))
 
 
 def random_batch(is_ta: list[bool], seed: int = 0) -> dict[str, torch.Tensor]:
@@ -155,7 +159,7 @@ def test_all_target_absent_batch_runs_the_discriminator_with_zero_weights() -> N
     cfg, nets = tiny_nets(*METRIC, "gan.start_step=0", "gan.d_warmup_steps=0")
     try:
         assert isinstance(nets.disc, MetricDiscriminator)
-        step_log = train.StepLog()
+        step_log = StepLog()
         train.micro_step(nets, cfg, random_batch([True, True]), step=5,
                          autocast=contextlib.nullcontext(), step_log=step_log)
         grads = [p.grad for p in nets.disc.parameters()]
@@ -177,16 +181,16 @@ def test_all_target_absent_batch_runs_the_discriminator_with_zero_weights() -> N
 
 def test_a_checkpoint_resumes_only_with_its_discriminator_kind() -> None:
     _, hifigan = tiny_nets("gan.enabled=true", "gan.periods=[2]", "gan.n_scales=1")
-    payload = train.TrainState(hifigan).payload(model_args={}, config={},
-                                                rngs=[train.rng_state()])
+    payload = TrainState(hifigan).payload(model_args={}, config={},
+                                                rngs=[rng_state()])
     assert payload["disc_kind"] == "hifigan"
     del payload["disc_kind"]  # as written before gan.kind existed
     _, metric = tiny_nets(*METRIC)
     with pytest.raises(ConfigError, match=r"gan\.kind.*hifigan discriminator.*--init"):
-        train.TrainState(metric).load(payload, rank=0)
-    train.TrainState(hifigan).load(payload, rank=0)
+        TrainState(metric).load(payload, rank=0)
+    TrainState(hifigan).load(payload, rank=0)
     _, plain = tiny_nets()  # no GAN in this run: the discriminator is ignored
-    train.TrainState(plain).load(payload, rank=0)
+    TrainState(plain).load(payload, rank=0)
 
 
 @pytest.fixture(scope="module")
@@ -247,16 +251,16 @@ def ddp_worker(out: Path) -> None:
     cfg, nets = tiny_nets(*METRIC, "optim.grad_accum=2", "gan.start_step=0",
                           "gan.d_warmup_steps=1", "gan.ramp_steps=1")
     before = {"generator": state_vector(nets.generator), "disc": state_vector(nets.disc)}
-    train.wrap_ddp(nets, torch.device("cpu"))
+    wrap_ddp(nets, torch.device("cpu"))
     for step in range(4):
         is_ta = [True, True] if rank == 0 else [False, True]
         batch = random_batch(is_ta, seed=10 * rank + step)
         train.micro_step(nets, cfg, batch, step=step, autocast=contextlib.nullcontext(),
-                         step_log=train.StepLog())
+                         step_log=StepLog())
         if (step + 1) % 2 == 0:
             train.update(nets, cfg, step + 1)
     nets.pesq.close()
-    report = {"in_sync": train.ranks_in_sync(nets),
+    report = {"in_sync": ranks_in_sync(nets),
               "changed": {name: not torch.equal(before[name], state_vector(getattr(nets, name)))
                           for name in before}}
     if rank == 0:

@@ -19,6 +19,8 @@ from models import registry
 from models.refiner.refiner import CompressedSpectrogram, SGMSERefiner
 from models.registry import build_model, checkpoint_payload, load_model
 from tests.packed_data import packed_subset
+from training.nets import build_nets
+from training.step_log import log_events
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "sgmse_refiner_tiny.yaml"
@@ -65,7 +67,7 @@ def test_the_refiner_checkpoint_rebuilds_both_stages_alone(tmp_path: Path) -> No
     assert args["first_stage"] == registry.normalised_args(
         torch.load(path, weights_only=True)["model_args"])
     torch.manual_seed(0)
-    nets = train.build_nets(cfg, torch.device("cpu"))
+    nets = build_nets(cfg, torch.device("cpu"))
     refiner = nets.generator
     assert isinstance(refiner, SGMSERefiner)
     mix, ref = signals(1, 4_800)
@@ -170,7 +172,7 @@ def test_train_py_trains_the_refiner_alone(tmp_path: Path, shared_data: Path,
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg))
     train.main(["--config", str(config)])
-    rows = train.log_events(tmp_path / "run" / "train.log")
+    rows = log_events(tmp_path / "run" / "train.log")
     losses = [float(r["score_matching"]) for r in rows if "score_matching" in r]
     assert len(losses) == 30
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses

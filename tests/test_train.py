@@ -23,6 +23,10 @@ from data.dataset import HiFiTSEDataset, dataset_kwargs
 from losses.separation import si_sdr, ta_energy_loss
 from models.registry import build_model, load_model
 from tests.packed_data import packed_subset
+from training.loss_assembly import loss_weights
+from training.nets import autocast_dtype, build_nets, resolve_device
+from training.schedules import StepSampler, sir_boost_db
+from training.step_log import StepLog, log_events
 
 REPO = Path(__file__).resolve().parents[1]
 SEGMENT_SECONDS = 1.0  # short mixtures keep a CPU step well under a second
@@ -52,7 +56,7 @@ def write_config(path: Path, data: dict, base: str = "tiny.yaml", **sections: di
 
 def log_lines(run_dir: Path, first_word: str = "step") -> list[dict[str, str]]:
     """The key=value events of the run's train.log that start with ``first_word``."""
-    return train.log_events(run_dir / "train.log", first_word)
+    return log_events(run_dir / "train.log", first_word)
 
 
 @pytest.mark.slow
@@ -134,23 +138,23 @@ def _run_train(cfg: Path, *extra: str) -> subprocess.Popen:
 def test_sir_curriculum_schedule_reaches_the_sampler() -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml",
                       ["train.sir_boost_db=6.0", "train.sir_boost_steps=100"])
-    assert [train.sir_boost_db(cfg, s) for s in (0, 50, 100, 500)] == [6.0, 3.0, 0.0, 0.0]
-    stream = iter(train.StepSampler(start_step=50, batch_size=2, cfg=cfg))
+    assert [sir_boost_db(cfg, s) for s in (0, 50, 100, 500)] == [6.0, 3.0, 0.0, 0.0]
+    stream = iter(StepSampler(start_step=50, batch_size=2, cfg=cfg))
     assert [next(stream) for _ in range(3)] == [(100, 0.0, 0.0, 3.0, 0.0, 0.0),
                                                (101, 0.0, 0.0, 3.0, 0.0, 0.0),
                                                (102, 0.0, 0.0, pytest.approx(2.94), 0.0, 0.0)]
     # The selection curriculum flags the items of its first steps.
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.selection_steps=3"])
-    stream = iter(train.StepSampler(start_step=2, batch_size=2, cfg=cfg))
+    stream = iter(StepSampler(start_step=2, batch_size=2, cfg=cfg))
     assert [next(stream)[4] for _ in range(4)] == [1.0, 1.0, 0.0, 0.0]
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.twin_steps=2"])
-    stream = iter(train.StepSampler(start_step=1, batch_size=2, cfg=cfg))
+    stream = iter(StepSampler(start_step=1, batch_size=2, cfg=cfg))
     assert [next(stream)[4:] for _ in range(4)] == [(0.0, 1.0)] * 2 + [(0.0, 0.0)] * 2
     with pytest.raises(ConfigError, match="twin_steps"):
         train.check_config(load_config(REPO / "configs" / "tiny.yaml", [
             "train.twin_steps=5", "train.batch_size=3"]))
     off = load_config(REPO / "configs" / "tiny.yaml")
-    assert train.sir_boost_db(off, 0) == 0.0
+    assert sir_boost_db(off, 0) == 0.0
     with pytest.raises(ConfigError, match="sir_boost_steps"):
         train.check_config(load_config(REPO / "configs" / "tiny.yaml",
                                        ["train.sir_boost_steps=-1"]))
@@ -327,7 +331,7 @@ def test_gan_phase_survives_all_target_absent_batches(tmp_path: Path, data_secti
 def _tiny_nets(*overrides: str) -> tuple:
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["optim.grad_accum=1", *overrides])
     torch.manual_seed(0)
-    return cfg, train.build_nets(cfg, torch.device("cpu"))
+    return cfg, build_nets(cfg, torch.device("cpu"))
 
 
 def _batch(is_ta: list[bool], n: int = 4_800, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -363,12 +367,12 @@ def test_update_with_a_gradient_free_discriminator_under_a_gradscaler() -> None:
 def test_logged_terms_average_over_the_items_they_cover() -> None:
     cfg, nets = _tiny_nets()
     no_amp = contextlib.nullcontext()
-    step_log = train.StepLog()
+    step_log = StepLog()
     train.micro_step(nets, cfg, _batch([False, False], seed=1), step=0, autocast=no_amp,
                      step_log=step_log)
     with_ta = _batch([True, False], seed=2)
     train.micro_step(nets, cfg, with_ta, step=1, autocast=no_amp, step_log=step_log)
-    stats = step_log.reduce([*sorted(train.loss_weights(cfg)), "loss"], torch.device("cpu"),
+    stats = step_log.reduce([*sorted(loss_weights(cfg)), "loss"], torch.device("cpu"),
                             ddp=False)
     with torch.no_grad():
         est = nets.generator(with_ta["mix"], with_ta["ref"])
@@ -418,16 +422,16 @@ def test_bf16_lstm_probe_passes_on_this_cpu() -> None:
 def test_device_and_precision_mistakes_fail_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.device=cuda"])
     with pytest.raises(ConfigError, match="every rank on GPU 0"):
-        train.resolve_device(cfg, ddp=True, local_rank=1)
-    assert train.resolve_device(cfg, ddp=False, local_rank=0) == torch.device("cuda")
+        resolve_device(cfg, ddp=True, local_rank=1)
+    assert resolve_device(cfg, ddp=False, local_rank=0) == torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     bf16 = load_config(REPO / "configs" / "tiny.yaml", ["train.precision=bf16"])
     with pytest.raises(ConfigError, match="fp16"):
-        train.autocast_dtype(bf16, torch.device("cuda", 0))
-    assert train.autocast_dtype(bf16, torch.device("cpu")) == torch.bfloat16
+        autocast_dtype(bf16, torch.device("cuda", 0))
+    assert autocast_dtype(bf16, torch.device("cpu")) == torch.bfloat16
     fp16 = load_config(REPO / "configs" / "tiny.yaml", ["train.precision=fp16"])
     with pytest.raises(ConfigError, match="needs CUDA"):
-        train.autocast_dtype(fp16, torch.device("cpu"))
+        autocast_dtype(fp16, torch.device("cpu"))
 
 
 @pytest.mark.slow

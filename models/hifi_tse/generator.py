@@ -59,7 +59,7 @@ class Generator(ReferenceConditioned):
     """BSRNN band split + USEF + FiLM + TF-GridNet target speaker extractor.
 
     Keyword arguments are the ``stft`` and ``model`` config sections (``config.model_kwargs``);
-    defaults are the v2 recipe (SPEC §2).
+    defaults are the v2 recipe (doc/design.md, "Generator").
 
     Shape:
         mix (B, N), ref (B, M) -> (B, N); M may differ from N.
