@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "score that too (stream_* columns)")
     parser.add_argument("--overlap", type=float, default=0.0, metavar="SECONDS",
                         help="overlap of consecutive --chunk chunks (cross-faded)")
+    parser.add_argument("--stream", action="store_true",
+                        help="also extract hop by hop through a causal model, as a live system "
+                        "would (stream_* columns; instead of --chunk)")
     parser.add_argument("--pcs", action="store_true",
                         help="perceptual contrast stretching on every estimate (models/pcs.py, "
                         "as inference.py --pcs)")
@@ -248,7 +251,7 @@ def _fingerprint(args: argparse.Namespace, loaded: Checkpoint, groups: tuple[str
         "step": loaded.step,
         "weights": "EMA" if loaded.use_ema else "generator", "metrics": list(groups),
         "sdr": metrics.sdr, "pesq_sr": metrics.pesq_sr, "si_sdr": args.si_sdr,
-        "lufs": args.lufs, "chunk": args.chunk,
+        "lufs": args.lufs, "chunk": args.chunk, "stream": args.stream,
         "overlap": args.overlap if args.chunk is not None else None, "pcs": args.pcs,
         "missing_target": args.missing_target, "source_list_sha256": digest,
         "transcripts_sha256": None if args.transcripts is None else _sha256(args.transcripts),
@@ -268,12 +271,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                           f"not {cfg.eval.pesq_sr}")
     if not args.metric_timeout > 0:
         raise EvalInputError(f"--metric-timeout must be > 0, got {args.metric_timeout}")
+    if args.stream and args.chunk is not None:
+        raise EvalInputError("--stream and --chunk both fill the stream_* columns: pick one")
+    if args.stream and not getattr(loaded.model, "causal", False):
+        raise EvalInputError(f"{args.ckpt}: --stream needs a causal model (model.causal: true)")
     if args.chunk is not None and not 0 <= args.overlap < args.chunk:
         raise EvalInputError(f"--overlap {args.overlap} must be >= 0 and below --chunk "
                              f"{args.chunk}")
     device = resolve_device(args.device or cfg.eval.device)
     run = RunSettings(jobs=max(0, args.jobs), lufs=args.lufs, chunk_seconds=args.chunk,
-                      chunk_overlap_seconds=args.overlap, metric_timeout_s=args.metric_timeout)
+                      chunk_overlap_seconds=args.overlap, stream=args.stream,
+                      metric_timeout_s=args.metric_timeout)
     if device.type == "cpu" and run.jobs > 0:
         # The metric workers take one core each; more generator threads than the cores left
         # only contend (an LSTM on a busy CPU slows down many times over).
@@ -289,7 +297,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         groups = tuple(g for g in groups if g != "wer")
     metrics = MetricSettings(groups=groups, pesq_sr=cfg.eval.pesq_sr,
                              sdr=args.sdr or cfg.eval.sdr, zero_mean=args.si_sdr == "zero-mean",
-                             stream=args.chunk is not None)
+                             stream=args.chunk is not None or args.stream)
     out_dir: Path = args.out_dir
     columns = metrics.columns()
     fields = [*report.ROW_FIELDS, *(["mix_lufs"] if run.lufs is not None else []), *columns,
@@ -332,7 +340,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     report.plot_histogram(out_dir / report.HIST_NAME,
                           [r["si_sdri"] for r in rows if r["condition"] == TP and "si_sdri" in r])
 
-    whole_file = replace(run, chunk_seconds=None)  # the examples are the whole-file estimates
+    whole_file = replace(run, chunk_seconds=None, stream=False)  # examples: whole-file estimates
 
     def estimate_of(index: int) -> tuple[Any, Any]:
         sample, _ = load_sample(sources[order[index]], whole_file)
@@ -364,6 +372,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     "(ITU-R BS.1770-4, pyloudnorm) before extraction",
             "chunk": None if run.chunk_seconds is None else
                      f"{run.chunk_seconds:g} s chunks, {run.chunk_overlap_seconds:g} s overlap",
+            "stream": "hop by hop through the causal model (extraction/streaming.py)"
+                      if run.stream else None,
             "pcs": "PCS400 at 48 kHz on every estimate (models/pcs.py)" if args.pcs else None,
             "missing_target": args.missing_target,
             "metric_timeout": f"{args.metric_timeout:g} s per started minute of a sample",

@@ -470,6 +470,9 @@ def _headline(info: dict[str, Any], summary: dict[str, Any]) -> list[str]:
     if info["settings"].get("chunk"):
         lines.append([f"chunked ({info['settings']['chunk']})",
                       *(_stat(summary, STREAM_PREFIX + m) for m in HEADLINE), ""])
+    elif info["settings"].get("stream"):
+        lines.append(["streamed (causal, hop by hop)",
+                      *(_stat(summary, STREAM_PREFIX + m) for m in HEADLINE), ""])
     for ref in SEED_REFERENCES:
         lines.append([ref["label"], fmt(ref["si_sdr"]), fmt(ref["si_sdri"], "+.2f"),
                       fmt(ref["pesq"]), fmt(ref["stoi"], ".3f"),
@@ -530,15 +533,22 @@ def _stream_section(info: dict[str, Any], summary: dict[str, Any],
         return []
     rows = []
     for name in names:
-        whole, chunked = (summary["metrics"][n]["mean"] for n in (name, STREAM_PREFIX + name))
-        diff = chunked - whole if math.isfinite(whole) and math.isfinite(chunked) else math.nan
+        whole, other = (summary["metrics"][n]["mean"] for n in (name, STREAM_PREFIX + name))
+        diff = other - whole if math.isfinite(whole) and math.isfinite(other) else math.nan
         spec = column(name).fmt.lstrip("+")
-        rows.append([column(name).label, fmt(whole, spec), fmt(chunked, spec),
+        rows.append([column(name).label, fmt(whole, spec), fmt(other, spec),
                      fmt(diff, "+" + spec)])
-    return [f"## Chunked (streaming) extraction: {info['settings']['chunk']}", "",
-            "Each chunk extracted alone at its own level, with the one reference embedding, and "
-            "cross-faded back together (`Extractor.extract_chunked`).", "",
-            *_table(["metric (mean)", "whole file", "chunked", "difference"], rows), ""]
+    if info["settings"].get("stream"):
+        title, kind, how = ("## Streamed extraction: causal, hop by hop", "streamed",
+                            "The mixture pushed one hop at a time through the causal model, "
+                            "as a live system runs it (`Extractor.extract_streamed`).")
+    else:
+        title, kind, how = (f"## Chunked (streaming) extraction: {info['settings']['chunk']}",
+                            "chunked", "Each chunk extracted alone at its own level, with the one "
+                            "reference embedding, and cross-faded back together "
+                            "(`Extractor.extract_chunked`).")
+    return [title, "", how, "",
+            *_table(["metric (mean)", "whole file", kind, "difference"], rows), ""]
 
 
 def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict],
@@ -546,6 +556,7 @@ def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
     """The Markdown report: headline (as doc/design.md's seed results), wrong speaker and
     target-free measures, chunked extraction, distributions, breakdown, failures, examples."""
     whole = [c for c in columns if not c.startswith(STREAM_PREFIX)]
+    stream_kind = "streamed" if info["settings"].get("stream") else "chunked"
     counts = ", ".join(f"{info[f'n_{c.lower()}']} {c}" for c in CONDITIONS
                        if info[f"n_{c.lower()}"])
     lines = [
@@ -573,7 +584,7 @@ def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
         *_table(
             ["metric", "n", "mean", "median", "std", *(f"p{p}" for p in PERCENTILES)],
             [
-                [column(m).label + (" (chunked)" if m.startswith(STREAM_PREFIX) else ""),
+                [column(m).label + (f" ({stream_kind})" if m.startswith(STREAM_PREFIX) else ""),
                  str(s["n"]),
                  *(fmt(s[k], column(m).fmt.lstrip("+"))
                    for k in ("mean", "median", "std", *(f"p{p}" for p in PERCENTILES)))]

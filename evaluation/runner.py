@@ -2,8 +2,9 @@
 
 Each sample is loaded (and, with ``lufs``, its mixture loudness-normalised), extracted through
 ``Extractor`` (extraction/) as inference.py extracts it (whole file: windows, cross-fades, one level
-per file) and, with ``chunk``, a second time chunk by chunk as a streaming system would
-(``Extractor.extract_chunked``). The metrics, which are CPU-heavy, run in ``jobs`` spawned
+per file) and, with ``chunk``, a second time chunk by chunk (``Extractor.extract_chunked``), or,
+with ``stream``, hop by hop through a causal model as a live system runs it
+(``Extractor.extract_streamed``). The metrics, which are CPU-heavy, run in ``jobs`` spawned
 worker processes (``evaluation/isolation.py``) while the next sample is extracted. A sample
 that cannot be loaded is skipped; a metric that crashes or hangs costs that metric on that row.
 """
@@ -53,6 +54,7 @@ class RunSettings:
     lufs: float | None = None  # loudness-normalise each mixture to this (LUFS) before extraction
     chunk_seconds: float | None = None  # also extract in independent chunks of this length
     chunk_overlap_seconds: float = 0.0
+    stream: bool = False  # also extract hop by hop through a causal model (true streaming)
     metric_timeout_s: float = METRIC_TIMEOUT_S  # per started minute of a sample's audio
 
 
@@ -101,7 +103,8 @@ def load_sample(source: SampleSource, settings: RunSettings) -> tuple[Sample, di
 
 def extract_all(extractor: Extractor, sample: Sample,
                 settings: RunSettings) -> dict[str, np.ndarray]:
-    """The estimates of ``sample``: "" the whole-file one, ``stream_`` the chunked one.
+    """The estimates of ``sample``: "" the whole-file one, ``stream_`` the chunked or the
+    streamed one.
 
     Shape:
         returns: prefix -> (N,) float32 with N = len(sample.mix)
@@ -114,6 +117,9 @@ def extract_all(extractor: Extractor, sample: Sample,
             sample.mix, sample.ref, extra_refs=sample.extra_refs,
             chunk_seconds=settings.chunk_seconds,
             overlap_seconds=settings.chunk_overlap_seconds, ref_name=name)
+    elif settings.stream:
+        out[STREAM_PREFIX] = extractor.extract_streamed(
+            sample.mix, sample.ref, extra_refs=sample.extra_refs, ref_name=name)
     return out
 
 

@@ -30,6 +30,7 @@ from dsp.audio import (
 from dsp.level import RMS_EPS
 from extraction.pcs import pcs_stream
 from extraction.reference import check_reference, read_reference, reference_limit
+from extraction.streaming import StreamingExtractor
 from extraction.windows import OVERLAP_SECONDS, WINDOW_SECONDS, overlap_add
 from models.hifi_tse.tf_gridnet import bf16_lstm_works, use_float32_lstms
 from models.layers.conditioning import EncodedReference, pool_references
@@ -87,6 +88,11 @@ class Job:
 class Result:
     duration: float  # seconds of audio in the mixture
     seconds: float  # wall-clock processing time
+    hop_seconds: tuple[float, ...] = ()  # streaming: compute time of each pushed hop
+
+    def hop_percentile(self, q: float) -> float:
+        """Streaming: the ``q``-th percentile of the per-hop compute time, in seconds."""
+        return float(np.percentile(self.hop_seconds, q))
 
     @property
     def rtf(self) -> float:
@@ -264,14 +270,99 @@ class Extractor:
     def _pooled(self, refs: Sequence[np.ndarray], ref_name: str | Path) -> EncodedReference:
         return pool_references([self._checked_embedding(r, ref_name) for r in refs])
 
-    def run(self, job: Job, *, keep_sr: bool = False) -> Result:
-        """Extract ``job.mix`` given ``job.refs`` into ``job.out`` (extraction/__init__.py)."""
-        begin = time.perf_counter()
+    def streaming(
+        self, ref: np.ndarray, *, extra_refs: Sequence[np.ndarray] = (),
+        ref_name: str | Path = "reference",
+    ) -> StreamingExtractor:
+        """A stream through a causal model (extraction/streaming.py), with the reference (and
+        ``extra_refs``) checked, encoded and pooled once, as ``extract_array`` does. It runs in
+        float32 (``half`` is for the windowed path).
+
+        Shape: ref (M,) at the model rate
+        """
+        return StreamingExtractor(self.model, self._pooled([ref, *extra_refs], ref_name),
+                                  device=self.device)
+
+    def extract_streamed(
+        self, mix: np.ndarray, ref: np.ndarray, *, extra_refs: Sequence[np.ndarray] = (),
+        ref_name: str | Path = "reference",
+    ) -> np.ndarray:
+        """The target as a live system gets it from a causal model: the mixture pushed hop by
+        hop through ``streaming`` (each sample's output depends only on what came before it,
+        its level on a running RMS), then PCS as a stream when ``pcs``.
+
+        Shape:
+            mix (N,), ref (M,) -> (N,) float32
+        """
+        stream = self.streaming(ref, extra_refs=extra_refs, ref_name=ref_name)
+        mix = np.asarray(mix, dtype=np.float32)
+        parts = [stream.push(mix[i : i + stream.hop]) for i in range(0, mix.shape[0], stream.hop)]
+        parts.append(stream.flush())
+        return np.concatenate(list(pcs_stream(parts, sr=self.sr) if self.pcs else parts))
+
+    def _checked_job(self, job: Job) -> None:
         for src in (job.mix, *job.refs):
             if job.out.resolve() == src.resolve():
                 raise InferenceError(f"{job.out}: output would overwrite its input")
         if job.out.suffix.lstrip(".").upper() not in sf.available_formats():
             raise AudioError(f"{job.out}: unsupported audio format '{job.out.suffix}'")
+
+    def _write(self, job: Job, blocks: Iterable[np.ndarray], sr: int) -> None:
+        """Stream ``blocks`` into ``job.out`` (atomically), refusing non-finite samples."""
+        with atomic_writer(job.out, sr) as f:
+            for block in blocks:
+                if not np.isfinite(block).all():
+                    raise InferenceError(
+                        f"{job.mix}: the model produced non-finite samples"
+                        + (" (try without --half)" if self.amp_dtype else "")
+                    )
+                f.write(block)
+
+    def run_stream(self, job: Job, *, keep_sr: bool = False) -> Result:
+        """Extract ``job.mix`` into ``job.out`` as a live system would: read block by block,
+        resampled as a stream, pushed one hop at a time through a causal model
+        (``streaming``), written as it comes out; the compute time of every hop is recorded.
+        With ``keep_sr`` the output is resampled back and cut to the header's frame count."""
+        begin = time.perf_counter()
+        self._checked_job(job)
+        stream = StreamingExtractor(
+            self.model, pool_references([self.reference(path) for path in job.refs]),
+            device=self.device)
+        hop_seconds: list[float] = []
+        with MonoReader(job.mix) as reader:
+            n_in = 0
+
+            def counted() -> Iterator[np.ndarray]:
+                nonlocal n_in
+                for block in reader.blocks():
+                    n_in += block.shape[0]
+                    yield block
+
+            def hops() -> Iterator[np.ndarray]:  # the model's output, pushed hop by hop
+                pending = np.zeros(0, dtype=np.float32)
+                for block in resample_stream(counted(), reader.sr, self.sr):
+                    pending = np.concatenate([pending, block])
+                    while pending.shape[0] >= stream.hop:
+                        start = time.perf_counter()
+                        out = stream.push(pending[: stream.hop])
+                        hop_seconds.append(time.perf_counter() - start)
+                        pending = pending[stream.hop :]
+                        yield out
+                yield stream.push(pending)
+                yield stream.flush()
+
+            est = pcs_stream(hops(), sr=self.sr) if self.pcs else hops()
+            out_sr = reader.sr if keep_sr else self.sr
+            if keep_sr:
+                est = fit_length(resample_stream(est, self.sr, out_sr), reader.frames)
+            self._write(job, est, out_sr)
+        return Result(duration=n_in / reader.sr, seconds=time.perf_counter() - begin,
+                      hop_seconds=tuple(hop_seconds))
+
+    def run(self, job: Job, *, keep_sr: bool = False) -> Result:
+        """Extract ``job.mix`` given ``job.refs`` into ``job.out`` (extraction/__init__.py)."""
+        begin = time.perf_counter()
+        self._checked_job(job)
         z_ref = pool_references([self.reference(path) for path in job.refs])
         with MonoReader(job.mix) as reader:
             # Pass 1: length, finiteness and the energy that sets the one scale of every window.
@@ -292,12 +383,5 @@ class Extractor:
             out_sr = reader.sr if keep_sr else self.sr
             if keep_sr:
                 est = fit_length(resample_stream(est, self.sr, out_sr), n_in)
-            with atomic_writer(job.out, out_sr) as f:
-                for block in est:
-                    if not np.isfinite(block).all():
-                        raise InferenceError(
-                            f"{job.mix}: the model produced non-finite samples"
-                            + (" (try without --half)" if self.amp_dtype else "")
-                        )
-                    f.write(block)
+            self._write(job, est, out_sr)
         return Result(duration=n_in / reader.sr, seconds=time.perf_counter() - begin)

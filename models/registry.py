@@ -48,6 +48,8 @@ DEFAULT_ARCH = "hifi_tse"
 STFT_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length")  # the stft config section
 
 
+# Constructor arguments that checkpoints written by earlier versions carry and the families no
+# longer take (grad_checkpoint is now train.grad_checkpoint).
 LEGACY_MODEL_ARGS = ("grad_checkpoint",)
 
 

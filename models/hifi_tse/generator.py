@@ -7,12 +7,14 @@ ref -> STFT -> BandSplitEncoder (shared weights) -------^
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from dsp.level import rms_scale
+from dsp.level import RMS_EPS, rms_scale
 from dsp.stft import STFT
 from models.hifi_tse.band_split import BandMergeDecoder, BandSplitEncoder, band_layout
 from models.hifi_tse.tf_gridnet import TFGridNetBlock
@@ -51,10 +53,15 @@ class HiFiTSEArgs:
     # use_film), trained by loss.speaker_ce: a speaker-discriminative reference path. 0 = none;
     # train.py sets it from the data when loss.speaker_ce is on.
     n_speakers: int = 0
+    # A causal model that streams (doc/design.md, "Real time"): the sub-band LSTMs run forward
+    # only, the full-band attention looks back attn_lookback frames (the current one included),
+    # and the level the network sees is a running RMS of time constant rms_seconds instead of
+    # the whole mixture's. The Mamba variant does not stream.
+    causal: bool = False
+    attn_lookback: int = 100  # frames: 1 s at the 10 ms hop
+    rms_seconds: float = 1.0
 
 
-# Constructor arguments that checkpoints written by earlier versions carry and the generator no
-# longer takes (grad_checkpoint is now train.grad_checkpoint).
 class Generator(ReferenceConditioned):
     """BSRNN band split + USEF + FiLM + TF-GridNet target speaker extractor.
 
@@ -87,8 +94,13 @@ class Generator(ReferenceConditioned):
         mamba_expand: int = 2,
         speaker_embedding: str = "none",
         n_speakers: int = 0,
+        causal: bool = False,
+        attn_lookback: int = 100,
+        rms_seconds: float = 1.0,
     ) -> None:
         super().__init__()
+        if causal and rms_seconds <= 0:
+            raise ValueError(f"rms_seconds {rms_seconds} must be > 0")
         band_regions = band_regions or [[0, 1000, 10], [1000, 8000, 28], [8000, 24000, 15]]
         reinject_at = list(range(n_blocks)) if reinject_at is None else list(reinject_at)
         self.sample_rate = sample_rate
@@ -96,6 +108,9 @@ class Generator(ReferenceConditioned):
         # trainer sets (train.grad_checkpoint), not a constructor argument, so a checkpoint's
         # model_args do not depend on it.
         self.grad_checkpoint = False
+        self.causal = causal
+        # Per-hop decay of the running mean square: exp(-hop / (rms_seconds * sample_rate)).
+        self.rms_decay = math.exp(-hop_length / (rms_seconds * sample_rate))
         self.stft = STFT(n_fft=n_fft, win_length=win_length, hop_length=hop_length)
         bands = band_layout(
             sample_rate=sample_rate,
@@ -112,7 +127,8 @@ class Generator(ReferenceConditioned):
             raise ValueError("n_speakers (a speaker head on FiLM's speaker vector) needs use_film")
         self.speaker_head = nn.Linear(feature_dim, n_speakers) if n_speakers > 0 else None
         sequence = {"sequence_layer": sequence_layer, "lstm_hidden": lstm_hidden,
-                    "mamba_d_state": mamba_d_state, "mamba_expand": mamba_expand}
+                    "mamba_d_state": mamba_d_state, "mamba_expand": mamba_expand,
+                    "causal": causal, "attn_lookback": attn_lookback}
         self.blocks = nn.ModuleList(TFGridNetBlock(**sequence, **attn) for _ in range(n_blocks))
         self._build_reinjection(reinject_at, reinject)
         self.decoder = BandMergeDecoder(
@@ -154,17 +170,76 @@ class Generator(ReferenceConditioned):
         """The target in ``mix`` given an embedded reference (``encode_reference``).
 
         ``scale`` is the level the mixture is divided by on the way in and multiplied by on the
-        way out; by default the mixture's own RMS. A caller that runs a long recording window
-        by window passes one scale for every window, so the level never changes between them.
+        way out; by default the mixture's own RMS, or, in a causal model, its running RMS frame
+        by frame (``running_level``). A caller that runs a long recording window by window
+        passes one scale for every window, so the level never changes between them.
 
         Shape:
             mix (B, N), z_ref (frames (B, S, K, D), embedding), scale (B, 1) -> (B, N)
         """
         n_samples = mix.shape[-1]
+        if self.causal and scale is None:
+            spec = self.stft(mix.float())  # (B, F, T) complex
+            level = self.running_level(spec, self.level_state(mix.shape[0], mix.device))[0]
+            est_spec = self._extract_frames(spec / level[:, None], z_ref) * level[:, None]
+            return self.stft.inverse(est_spec, n_samples)
         # Scale-free input: the network sees unit-RMS signals, the estimate gets the mix's scale.
         scale = rms_scale(mix) if scale is None else scale.float()  # (B, 1)
         mix_spec = self.stft(mix.float() / scale)  # (B, F, T) complex
+        return self.stft.inverse(self._extract_frames(mix_spec, z_ref), n_samples) * scale
+
+    def _extract_frames(self, mix_spec: torch.Tensor, z_ref: SpeakerReference) -> torch.Tensor:
+        """Shape: mix_spec (B, F, T) complex at unit level -> (B, F, T) complex"""
         z = self.encoder(mix_spec)  # (B, T, K, D)
         z = self.conditioned_blocks(z, z_ref)
-        est_spec = self.decoder(z, mix_spec)  # (B, F, T) complex
-        return self.stft.inverse(est_spec, n_samples) * scale
+        return self.decoder(z, mix_spec)
+
+    # -- streaming (causal models) -------------------------------------------------------------
+
+    def level_state(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """The running level before the first frame: no power seen, no frame counted."""
+        zero = torch.zeros(batch, dtype=torch.float32, device=device)
+        return {"mean_square": zero, "weight": zero.clone()}
+
+    def running_level(
+        self, spec: torch.Tensor, state: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The causal level of each frame: the RMS of the signal so far, its frames weighted by
+        ``rms_decay`` per hop (an exponential moving average of the frames' mean squares,
+        divided by the sum of its weights, so the first frames are not biased towards zero),
+        plus ``RMS_EPS``. Scale-equivariant: ``a * spec`` has level ``a * level``.
+
+        Shape: spec (B, F, T) complex, state (B,) each -> level (B, T), state
+        """
+        # Each frame's mean square of windowed samples (Parseval on the one-sided spectrum).
+        weights = torch.full((spec.shape[1],), 2.0, device=spec.device)
+        weights[0] = weights[-1] = 1.0
+        window = self.stft.window
+        power = (spec.abs().square() * weights[:, None]).sum(1) / (
+            self.stft.n_fft * window.square().sum())  # (B, T)
+        mean_square, weight = state["mean_square"], state["weight"]
+        levels = []
+        for t in range(power.shape[1]):  # sequential by nature; T scalars per item
+            mean_square = self.rms_decay * mean_square + (1 - self.rms_decay) * power[:, t]
+            weight = self.rms_decay * weight + (1 - self.rms_decay)
+            levels.append((mean_square / weight).sqrt() + RMS_EPS)
+        return torch.stack(levels, dim=1), {"mean_square": mean_square, "weight": weight}
+
+    def stream_frames(
+        self, spec: torch.Tensor, z_ref: SpeakerReference, state: dict[str, Any] | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """A causal model on the next ``t`` STFT frames of a stream, given the state of the
+        frames before them (None at the start): the running level and each block's state.
+        Frame by frame, this gives what ``extract`` gives on the whole signal.
+
+        Shape: spec (B, F, t) complex -> (B, F, t) complex, state
+        """
+        if not self.causal:
+            raise RuntimeError("stream_frames needs a causal model (model.causal: true)")
+        if state is None:
+            state = {"level": self.level_state(spec.shape[0], spec.device), "blocks": None}
+        level, level_state = self.running_level(spec, state["level"])
+        unit = spec / level[:, None]
+        z, blocks = self.conditioned_blocks_step(self.encoder(unit), z_ref, state["blocks"])
+        est = self.decoder(z, unit) * level[:, None]
+        return est, {"level": level_state, "blocks": blocks}

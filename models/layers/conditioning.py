@@ -22,7 +22,7 @@ re-injection) and the pieces that bring a pretrained speaker embedding
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -202,6 +202,11 @@ class ReferenceConditioned(nn.Module):
             z = self.reinject[str(i)](z, frames, embedding)
         return self.blocks[i](z)
 
+    def _enter(self, z: torch.Tensor, z_ref: SpeakerReference) -> torch.Tensor:
+        """USEF and FiLM where the mixture's features enter the blocks (frame by frame)."""
+        z = self.usef(z, z_ref.frames)
+        return z if self.film is None else self.film(z, z_ref.frames, z_ref.embedding)
+
     def conditioned_blocks(self, z: torch.Tensor, z_ref: SpeakerReference) -> torch.Tensor:
         """USEF and FiLM on the mixture's features, then every block with its re-injection;
         each block recomputed in backward under ``grad_checkpoint`` while training.
@@ -209,9 +214,7 @@ class ReferenceConditioned(nn.Module):
         Shape: z (B, T, K, D), z_ref frames (B, S, K, D) -> (B, T, K, D)
         """
         frames, embedding = z_ref
-        z = self.usef(z, frames)
-        if self.film is not None:
-            z = self.film(z, frames, embedding)
+        z = self._enter(z, z_ref)
         use_ckpt = self.grad_checkpoint and self.training and torch.is_grad_enabled()
         for i in range(len(self.blocks)):
             if use_ckpt:
@@ -219,3 +222,21 @@ class ReferenceConditioned(nn.Module):
             else:
                 z = self._block(i, z, frames, embedding)
         return z
+
+    def conditioned_blocks_step(
+        self, z: torch.Tensor, z_ref: SpeakerReference, states: list[Any] | None
+    ) -> tuple[torch.Tensor, list[Any]]:
+        """``conditioned_blocks`` on the next frames of a stream, each (causal) block from its
+        state after the frames before (None at the start); returns the new states.
+
+        Shape: z (B, t, K, D) -> (B, t, K, D), one state per block
+        """
+        z = self._enter(z, z_ref)
+        states = [None] * len(self.blocks) if states is None else states
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            if str(i) in self.reinject:
+                z = self.reinject[str(i)](z, z_ref.frames, z_ref.embedding)
+            z, state = block.step(z, states[i])
+            new_states.append(state)
+        return z, new_states

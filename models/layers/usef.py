@@ -41,14 +41,34 @@ class FrameAttention(nn.Module):
         b, t, k, _ = x.shape
         return x.view(b, t, k, self.n_heads, per_band).permute(0, 3, 1, 2, 4).flatten(3)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The context's keys and values in head layout, which a streaming caller caches.
+
+        Shape: context (B, S, K, D) -> key (B, h, S, K * c), value (B, h, S, K * D/h)
+        """
+        d = context.shape[-1]
+        return (self._heads(self.to_k(context), self.qk_per_band),
+                self._heads(self.to_v(context), d // self.n_heads))
+
+    def attend(
+        self, x: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``x``'s frames to given keys and values; ``mask`` (T, S) bool, True
+        where a query frame may see a key frame.
+
+        Shape: x (B, T, K, D), key/value as ``keys_values`` -> (B, T, K, D)
+        """
         b, t, k, d = x.shape
         q = self._heads(self.to_q(x), self.qk_per_band)
-        key = self._heads(self.to_k(context), self.qk_per_band)
-        v = self._heads(self.to_v(context), d // self.n_heads)
-        out = F.scaled_dot_product_attention(q, key, v)  # (B, h, T, K * D/h)
+        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask)  # (B, h, T, K*D/h)
         out = out.view(b, self.n_heads, t, k, d // self.n_heads).permute(0, 2, 3, 1, 4)
         return self.to_out(out.reshape(b, t, k, d))
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.attend(x, *self.keys_values(context), mask)
 
 
 class USEFCrossAttention(nn.Module):
