@@ -128,6 +128,10 @@ class LossConfig:
     # arch sgmse_refiner: its SDE's loss (OUVE: denoising score matching; SBVE: data
     # prediction), over every item, the family's whole objective (the other weights 0)
     score_matching: float = 0.0
+    # Distillation (the distill section): negative SI-SDR of the estimate against the frozen
+    # teacher's, on target-present items; si_sdr stays the term against the target. Target-absent
+    # items get no teacher term: SI-SDR against a near-silent teacher output means nothing.
+    teacher_si_sdr: float = 0.0
 
 
 @dataclass
@@ -189,6 +193,16 @@ class TrainConfig:
     seed: int = 1234
 
 
+@dataclass
+class DistillConfig:
+    # A trained checkpoint of any extractor family (any models/registry.py family without an
+    # objective of its own), at the student's sample rate. Its EMA weights, frozen and in eval
+    # mode, give every batch a second target for loss.teacher_si_sdr; "" = no distillation.
+    # The student's checkpoints record this path, not the teacher's weights: a resumed run
+    # reloads the teacher from it.
+    teacher_ckpt: str = ""
+
+
 GAN_KINDS = ("hifigan", "metric")
 
 
@@ -247,6 +261,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     gan: GanConfig = field(default_factory=GanConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -329,6 +344,7 @@ def check_ranges(cfg: Config) -> None:
         if weight and term in registry.AUX_TERMS and term not in family.aux_terms:
             raise ConfigError(f"config key 'loss.{term}': arch {family.name} has no such output "
                               f"(only {', '.join(family.aux_terms) or 'the estimate'})")
+    _check_distill(cfg, family)
     if family.objective is not None:
         # A family trained by an objective of its own (the refiner) gives the trainer an
         # estimate without a gradient: any other weight, or a GAN, would train nothing.
@@ -374,6 +390,28 @@ def check_ranges(cfg: Config) -> None:
             f"config key 'optim.betas': expected two numbers in [0, 1), got {betas!r}"
         )
     _check_gan(cfg.gan)
+
+
+def _check_distill(cfg: Config, family: registry.Family) -> None:
+    """Only an extractor learns from a teacher (its pairing with loss.teacher_si_sdr:
+    ``check_pairs``). The teacher's own family and rate are checked where it is loaded
+    (training/nets.py): that needs its file, which a stored config no longer has to find."""
+    teacher = cfg.distill.teacher_ckpt
+    if teacher and family.objective is not None:
+        raise ConfigError(f"config key 'distill.teacher_ckpt': arch {family.name} trains by "
+                          f"loss.{family.objective} alone and cannot be a distillation student")
+
+
+def check_pairs(cfg: Config) -> None:
+    """Keys that only make sense together, checked once every file and override is in (a
+    file may set one and a later file the other)."""
+    teacher, weight = cfg.distill.teacher_ckpt, cfg.loss.teacher_si_sdr
+    if weight and not teacher:
+        raise ConfigError("config key 'loss.teacher_si_sdr': needs a teacher; set "
+                          "distill.teacher_ckpt")
+    if teacher and not weight:
+        # A teacher that no term reads would cost a forward per micro-step for nothing.
+        raise ConfigError("config key 'distill.teacher_ckpt': needs loss.teacher_si_sdr > 0")
 
 
 def _check_gan(gan: GanConfig) -> None:
@@ -428,6 +466,7 @@ def from_dict(raw: dict[str, Any] | None) -> Config:
     cfg = Config()
     _apply_raw(cfg, raw)
     check_ranges(cfg)
+    check_pairs(cfg)
     return cfg
 
 
@@ -440,6 +479,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
         section, key = name.split(".")
         _apply(cfg, section, key, yaml.safe_load(text))
     check_ranges(cfg)
+    check_pairs(cfg)
     return cfg
 
 

@@ -52,6 +52,7 @@ from training.loss_assembly import (
     loss_terms,
     loss_weights,
     objective_of,
+    teacher_estimate,
     weighted_sum,
 )
 from training.nets import Nets, autocast_dtype, build_nets, resolve_device, wrap_ddp
@@ -114,6 +115,9 @@ def micro_step(
             # A family with an objective of its own (the refiner) computes it from the target.
             target = {"target": batch["target"]} if objective_of(cfg) else {}
             est, aux = nets.gen_ddp(batch["mix"], batch["ref"], with_aux=True, **target)
+            # The same batch through the frozen teacher (distillation), without a graph: it
+            # adds a forward, not a backward, and no collective (it is not wrapped in DDP).
+            teacher_est = teacher_estimate(nets, batch)
         est = est.float()
         if metric_gan:
             # PESQ of this batch starts now in worker processes (losses/pesq_target.py) and
@@ -121,7 +125,7 @@ def micro_step(
             # both discriminator forwards and the generator's whole backward, enqueued by this
             # thread and run by the device meanwhile.
             pesq_future = nets.pesq.submit(est, batch["target"])
-        terms = loss_terms(est, batch, nets, weights, aux)
+        terms = loss_terms(est, batch, nets, weights, aux, teacher_est)
         loss = weighted_sum(terms, batch["is_ta"], weights)
         if metric_gan:
             # ---- GAN phase, MetricGAN: the discriminator predicts the normalised PESQ of
@@ -318,11 +322,15 @@ def main(argv: list[str] | None = None) -> None:
     resume = Path(args.resume) if args.resume else run_dir / "last.pt"
     if args.resume and not resume.is_file():
         sys.exit(f"error: {resume}: no such checkpoint")
-    nets = build_nets(cfg, device, load_parts=not resume.is_file())
+    try:
+        nets = build_nets(cfg, device, load_parts=not resume.is_file())
+    except ConfigError as err:  # a teacher (distill.teacher_ckpt) that cannot teach this run
+        sys.exit(f"error: {err}")
     if amp_dtype == torch.bfloat16 and not bf16_lstm_works(device):
         count = use_float32_lstms(nets.generator)
-        if nets.ema is not None:
-            use_float32_lstms(nets.ema)
+        for frozen in (nets.ema, nets.teacher):
+            if frozen is not None:
+                use_float32_lstms(frozen)
         log.warning("bf16_lstm=unsupported device=%s lstms=%d run_in=float32 (the rest of the "
                     "network stays bf16)", device, count)
     generator, ema = nets.generator, nets.ema

@@ -167,6 +167,45 @@ SELECTION_OPTIONS = {"model": {"speaker_embedding": "ge2e"}, "loss": {"speaker_c
                      "data": {"virtual_speakers": [0.85]}}
 
 
+def assert_resume_is_exact(tmp_path: Path, data: dict, base: str, settings: dict,
+                           *, kill_at: int) -> tuple[dict, dict]:
+    """Train one config twice, in ``tmp_path/a`` straight through and in ``tmp_path/b`` killed
+    (SIGKILL) once its ``step_{kill_at}`` checkpoint exists and rerun; assert the two final
+    checkpoints hold the same weights, EMA and optimizer state, and return both (a, b).
+    ``settings`` must set ``train.total_steps`` above ``kill_at`` and a ``ckpt_every`` that
+    divides it."""
+    total = settings["train"]["total_steps"]
+    straight = write_config(tmp_path / "a" / "c.yaml", data, base, **settings)
+    killed = write_config(tmp_path / "b" / "c.yaml", data, base, **settings)
+    proc = _run_train(straight)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    proc = _run_train(killed)
+    marker = tmp_path / "b" / "run" / f"step_{kill_at:09d}.pt"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # mid-run, without any chance to clean up
+    proc.wait()
+    assert marker.exists()
+    ckpt = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    assert ckpt["step"] < total, "the kill must land before the run ends"
+    proc = _run_train(killed)
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == total
+    for part in ("generator", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    state_a, state_b = a["opt_g"]["state"], b["opt_g"]["state"]
+    for i in state_a:
+        assert torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"])
+    assert "resumed step=" in (tmp_path / "b" / "run" / "train.log").read_text()
+    return a, b
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("base", ["tiny.yaml", "td_speakerbeam_tiny.yaml",
                                   "spex_plus_tiny.yaml", "tiny.yaml+selection",
@@ -180,34 +219,7 @@ def test_resume_after_sigkill_is_exact(tmp_path: Path, data_section: dict, base:
                                    "sir_boost_steps": 12, **extra.get("train", {})}}
     data = {**data_section, **extra.get("data", {})}
     settings.pop("data", None)
-    straight = write_config(tmp_path / "a" / "c.yaml", data, base, **settings)
-    killed = write_config(tmp_path / "b" / "c.yaml", data, base, **settings)
-    proc = _run_train(straight)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
-
-    proc = _run_train(killed)
-    marker = tmp_path / "b" / "run" / "step_000000008.pt"
-    deadline = time.time() + 600
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)  # mid-run, without any chance to clean up
-    proc.wait()
-    assert marker.exists()
-    ckpt = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
-    assert ckpt["step"] < 16, "the kill must land before the run ends"
-    proc = _run_train(killed)
-    assert proc.wait(timeout=600) == 0, proc.stderr.read()
-
-    a = torch.load(tmp_path / "a" / "run" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)
-    assert a["step"] == b["step"] == 16
-    for part in ("generator", "ema"):
-        for k in a[part]:
-            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
-    state_a, state_b = a["opt_g"]["state"], b["opt_g"]["state"]
-    for i in state_a:
-        assert torch.equal(state_a[i]["exp_avg_sq"], state_b[i]["exp_avg_sq"])
-    assert "resumed step=" in (tmp_path / "b" / "run" / "train.log").read_text()
+    a, _ = assert_resume_is_exact(tmp_path, data, base, settings, kill_at=8)
     if options:  # the options were on: the head trained, on the virtual speakers' classes too
         assert "speaker_ce" in log_lines(tmp_path / "b" / "run")[-1]
         copies = 1 + len(SELECTION_OPTIONS["data"]["virtual_speakers"])

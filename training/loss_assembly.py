@@ -43,22 +43,37 @@ def loss_weights(cfg: Config) -> dict[str, float]:
     return dataclasses.asdict(cfg.loss)
 
 
+def teacher_estimate(nets: Nets, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The frozen teacher's estimate of the batch, (B, N) float32 without a graph; None without
+    a teacher. Call it inside the autocast the student's forward runs in."""
+    if nets.teacher is None:
+        return None
+    with torch.no_grad():
+        return nets.teacher(batch["mix"], batch["ref"]).float()
+
+
 def loss_terms(
     est: torch.Tensor,
     batch: dict[str, torch.Tensor],
     nets: Nets,
     weights: dict[str, float],
     aux: dict[str, torch.Tensor] | None = None,
+    teacher_est: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every weighted term; TP terms average over target-present items, the TA term over
     target-absent ones (masked means: no branch or host sync on what the batch holds).
-    ``aux``: a family's auxiliary outputs (models/registry.py), for its own terms."""
+    ``aux``: a family's auxiliary outputs (models/registry.py), for its own terms;
+    ``teacher_est`` (B, N): the distillation teacher's estimate (``teacher_estimate``)."""
     target, mix = batch["target"], batch["mix"]
     tp = (~batch["is_ta"]).float()
     terms = {"si_sdr": si_sdr_loss(est, target, weights=tp),
              "snr": snr_loss(est, target, weights=tp),
              "level": level_loss(est, target, weights=tp),
              "ta_energy": ta_energy_loss(est, mix, weights=1 - tp)}
+    if teacher_est is not None:
+        # TP items only: a TA item's teacher output is near silence, whose waveform shape (all
+        # SI-SDR sees) is noise; ta_energy alone trains those.
+        terms["teacher_si_sdr"] = si_sdr_loss(est, teacher_est, weights=tp)
     if weights["phase_sensitive"] or weights["amplitude"]:
         stft = nets.stft
         est_spec, target_spec = stft(est), stft(target)

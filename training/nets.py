@@ -6,6 +6,7 @@ import copy
 import inspect
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +20,13 @@ from losses.stft_loss import MultiResolutionSTFTLoss
 from models.discriminators.hifigan import HiFiGANDiscriminator
 from models.discriminators.metric_gan import MetricDiscriminator
 from models.registry import (
+    CheckpointError,
     build_model,
+    family,
     load_first_stage,
+    model_from_payload,
+    normalised_args,
+    read_checkpoint,
 )
 
 GAN_BETAS = (0.8, 0.99)  # HiFi-GAN's AdamW betas for the discriminators
@@ -45,6 +51,10 @@ class Nets:
     gen_ddp: nn.Module
     disc_ddp: nn.Module | None
     pesq: PesqScorer | None = None  # the metric discriminator's targets (gan.kind metric)
+    # distill.teacher_ckpt's model, frozen and in eval mode (None without distillation). Not a
+    # submodule of the generator, so the generator's train() leaves it in eval mode; never
+    # wrapped in DDP, not averaged into the EMA, not saved (its checkpoint is its own).
+    teacher: nn.Module | None = None
 
 
 def disc_kind(disc: nn.Module | None) -> str | None:
@@ -68,11 +78,43 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return groups
 
 
+def load_teacher(cfg: Config, device: torch.device) -> nn.Module | None:
+    """The frozen teacher of ``distill.teacher_ckpt`` (its EMA weights) on ``device``, in eval
+    mode; None without one. A ConfigError naming the key when the file cannot teach this run:
+    unreadable, a family with an objective of its own, or another sample rate."""
+    path = cfg.distill.teacher_ckpt
+    if not path:
+        return None
+    key = "config key 'distill.teacher_ckpt'"
+    try:
+        ckpt = read_checkpoint(Path(path))
+        args = normalised_args(ckpt["model_args"])
+        teacher_family = family(args["arch"])
+    except (CheckpointError, ValueError) as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if teacher_family.objective is not None:
+        raise ConfigError(f"{key}: {path} holds arch {teacher_family.name}, which trains by "
+                          f"loss.{teacher_family.objective}, not an extractor; any other family "
+                          "may teach")
+    if args["sample_rate"] != cfg.stft.sample_rate:
+        raise ConfigError(f"{key}: {path} runs at {args['sample_rate']} Hz, the student at "
+                          f"stft.sample_rate={cfg.stft.sample_rate}")
+    # Building it initialises weights the checkpoint then overwrites; forked, so that the
+    # training RNG stream is the one a run without a teacher has.
+    with torch.random.fork_rng(devices=[]):
+        try:
+            teacher = model_from_payload(ckpt, use_ema=True, name=path)
+        except CheckpointError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    return teacher.to(device).eval().requires_grad_(False)
+
+
 def build_nets(cfg: Config, device: torch.device, *, load_parts: bool = True) -> Nets:
     """Generator (+ EMA), discriminator when the GAN phase is configured, optimisers, scaler.
     Call ``torch.manual_seed`` first: every rank must build the same initial weights.
     ``load_parts``: load the weights of parts that other checkpoints hold (a refiner's first
-    stage), as a new run does; a resumed run reads them from its own checkpoint."""
+    stage), as a new run does; a resumed run reads them from its own checkpoint. The teacher
+    (``distill.teacher_ckpt``) is loaded from its file in either case."""
     generator = build_model(model_kwargs(cfg))
     if load_parts:
         load_first_stage(generator)  # before the EMA copy below, which must hold them too
@@ -101,7 +143,7 @@ def build_nets(cfg: Config, device: torch.device, *, load_parts: bool = True) ->
                 scaler=scaler, mr_stft=MultiResolutionSTFTLoss().to(device),
                 stft=STFT(n_fft=s.n_fft, win_length=s.win_length,
                           hop_length=s.hop_length).to(device),
-                gen_ddp=generator, disc_ddp=disc, pesq=pesq)
+                gen_ddp=generator, disc_ddp=disc, pesq=pesq, teacher=load_teacher(cfg, device))
 
 
 def wrap_ddp(nets: Nets, device: torch.device) -> None:

@@ -25,6 +25,7 @@ from training.loss_assembly import (
     loss_weights,
     objective_of,
     objective_terms,
+    teacher_estimate,
     weighted_sum,
 )
 from training.nets import Nets
@@ -59,6 +60,7 @@ def validate(
         with autocast, validation_context(model):
             est = model(batch["mix"], batch["ref"])
             aux = objective_terms(model, batch, cfg, device) if objective_of(cfg) else None
+            teacher_est = teacher_estimate(nets, batch)  # the loss's, as in training
         est = est.float()
         tp = ~batch["is_ta"]
         # Masked sums: a TA item's SI-SDR (or a TP item's suppression) is dropped by
@@ -66,7 +68,8 @@ def validate(
         sdr = si_sdr(est, batch["target"])
         sdr_mix = si_sdr(batch["mix"], batch["target"])
         supp = ta_suppression_db(est, batch["mix"])
-        loss = weighted_sum(loss_terms(est, batch, nets, weights, aux), batch["is_ta"], weights)
+        loss = weighted_sum(loss_terms(est, batch, nets, weights, aux, teacher_est),
+                            batch["is_ta"], weights)
         zero = torch.zeros_like(sdr)
         sums += torch.stack([torch.where(tp, sdr, zero).sum(),
                              torch.where(tp, sdr - sdr_mix, zero).sum(), tp.sum(),
