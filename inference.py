@@ -25,6 +25,11 @@ references, the reference checks, ``--pcs``) is the extractor library's: extract
 ``--stream`` runs a causal model (``model.causal: true``) hop by hop instead, as a live system
 would (extraction/streaming.py), and prints the compute time per hop.
 
+``--backend onnxruntime --onnx-dir DIR`` runs the network that export_onnx.py exported into DIR
+in ONNX Runtime on the CPU (``--int8``: its int8 copy), for files and for ``--stream``; the STFT,
+the level, the windows and the reference's encoding (from ``--ckpt``) stay in PyTorch
+(extraction/onnx_runtime.py, doc/onnx.md). A model or graph that was not exported is refused.
+
 Errors: a bad input prints one line ``error: <path>: <problem>`` to stderr, writes no output
 for that pair and makes the exit code 1 (the other pairs of a folder or list still run).
 Checkpoints are read once (``models.registry.read_checkpoint``) with ``weights_only=True``: a
@@ -44,6 +49,7 @@ import torch
 
 from dsp.audio import SAMPLE_RATE, AudioError
 from extraction.extractor import Extractor, InferenceError, Job, resolve_device
+from extraction.onnx_runtime import OnnxBackendError, OnnxModel
 from extraction.windows import OVERLAP_SECONDS, WINDOW_SECONDS
 from models.registry import CheckpointError, load_model
 
@@ -162,6 +168,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", action="store_true",
                         help="run a causal model hop by hop as a live system would, and print "
                         "the per-hop compute time (p50 / p99) against the hop")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="run the network in PyTorch or, exported (export_onnx.py), in ONNX "
+                        "Runtime on the CPU")
+    parser.add_argument("--onnx-dir", type=Path,
+                        help="export_onnx.py's folder for --backend onnxruntime")
+    parser.add_argument("--int8", action="store_true",
+                        help="the dynamically quantised int8 graphs (--backend onnxruntime)")
     args = parser.parse_args(argv)
     if args.mix is not None and (args.ref is None or args.out is None):
         parser.error("--mix needs --ref and -o/--out")
@@ -177,6 +190,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--overlap must be >= 0 and shorter than --window")
     if args.stream and args.half:
         parser.error("--stream runs in float32: drop --half")
+    if args.backend == "onnxruntime":
+        if args.onnx_dir is None:
+            parser.error("--backend onnxruntime needs --onnx-dir (export_onnx.py's folder)")
+        if args.half:
+            parser.error("--half is for --backend torch on CUDA")
+        if args.device not in ("auto", "cpu"):
+            parser.error("--backend onnxruntime runs on the CPU: drop --device")
+    elif args.onnx_dir is not None or args.int8:
+        parser.error("--onnx-dir and --int8 go with --backend onnxruntime")
     return args
 
 
@@ -202,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = [replace(job, extra_refs=tuple((args.ref or [])[1:])) for job in jobs]
         else:
             jobs = list_jobs(args.list)
-        device = resolve_device(args.device)
+        device = resolve_device("cpu" if args.backend == "onnxruntime" else args.device)
         model = load_model(args.ckpt, use_ema=not args.no_ema)
     except (InferenceError, CheckpointError) as err:
         _error(err)
@@ -210,6 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.stream and not getattr(model, "causal", False):
         _error(f"{args.ckpt}: --stream needs a causal model (model.causal: true)")
         return 1
+    if args.backend == "onnxruntime":
+        try:
+            model = OnnxModel(model, args.onnx_dir, int8=args.int8, threads=args.threads)
+        except OnnxBackendError as err:
+            _error(err)
+            return 1
+        if args.stream and not model.streams:
+            _error(f"{args.onnx_dir}: no streaming step exported (export_onnx.py --stream)")
+            return 1
     if model.sample_rate != SAMPLE_RATE:
         log.warning("%s: the model runs at %d Hz", args.ckpt, model.sample_rate)
     extractor = Extractor(

@@ -6,7 +6,11 @@ bench/ use it too.
   ``extract_chunked``), the reference cache, ``resolve_device``;
 - extraction/reference.py: which part of a reference is used and which references are refused;
 - extraction/windows.py: windows and cross-fades;
-- extraction/pcs.py: perceptual contrast stretching, whole or streaming.
+- extraction/pcs.py: perceptual contrast stretching, whole or streaming;
+- extraction/streaming.py: ``StreamingExtractor``, a causal model hop by hop;
+- extraction/onnx_runtime.py: ``OnnxModel``, a checkpoint's model whose network runs in ONNX
+  Runtime from export_onnx.py's folder, which ``Extractor`` and ``StreamingExtractor`` take as
+  they take the model (doc/onnx.md).
 
 Inputs may have any sample rate and channel count: channels are averaged and the signal is
 resampled with soxr to the model's rate (dsp/audio.py).

@@ -25,7 +25,10 @@ from models.layers.conditioning import SpeakerReference
 
 class StreamingExtractor:
     """A causal model (``model.causal``; hifi_tse) over a stream, batch 1, given its encoded
-    reference (``encode_reference``; ``Extractor.streaming`` checks and encodes it).
+    reference (``encode_reference``; ``Extractor.streaming`` checks and encodes it). The model's
+    ``stream_frames`` is the step backend: the PyTorch model's, or an ``OnnxModel``'s
+    (extraction/onnx_runtime.py), which runs the exported step in ONNX Runtime; the STFT framing
+    and overlap-add here are the same for both.
 
     Frames follow the model's centred STFT exactly: frame ``t`` is centred on sample
     ``t * hop``, the signal is zero before its start and, at ``flush``, zero-padded to a whole

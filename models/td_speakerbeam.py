@@ -238,7 +238,9 @@ class TDSpeakerBeam(nn.Module):
         as a sample in the middle (``kernel - stride`` on the left) and the padded length is a
         whole number of strides plus the kernel."""
         left = self.kernel - self.stride
-        n_frames = -(-(n_samples + left) // self.stride) + 1  # ceil, + 1 for the kernel
+        # ceil, + 1 for the kernel; written without negative operands, which an exported
+        # graph's integer division would truncate towards zero instead of flooring
+        n_frames = (n_samples + left + self.stride - 1) // self.stride + 1
         right = (n_frames - 1) * self.stride + self.kernel - n_samples - left
         return left, right
 

@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("models.hifi_tse", "models.td_speakerbeam", "models.spex_plus", "models.semamba",
             "models.refiner")
 MODELS = ("models.layers", "models.discriminators", *FAMILIES, "models.registry")
-SCRIPTS = ("train", "evaluate", "inference")
+SCRIPTS = ("train", "evaluate", "inference", "export_onnx")
 # What each unit may import besides itself, from the bottom up.
 ALLOWED: dict[str, frozenset[str]] = {
     "dsp": frozenset(),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -82,6 +83,20 @@ class _BandGrid(nn.Module):
         self.register_buffer("flat_ri", valid_ri.flatten().nonzero().squeeze(1), persistent=False)
         self.n_real_features = int(valid_ri.sum())
 
+    def padded(self, owner: nn.Module, name: str, pad: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``pad()``, a parameter laid out on the padded grid, kept on ``owner`` at inference
+        (no autograd) until the parameter changes: streaming runs one frame per call, and
+        scattering the weights again at every frame cost more than the layer itself. While
+        training, recomputed every call so that gradients reach the parameter."""
+        param = getattr(owner, name)
+        key = (param.data_ptr(), param._version, param.dtype, param.device)
+        cache = owner.__dict__.setdefault("_padded", {})
+        if torch.is_grad_enabled():
+            return pad()
+        if cache.get(name, (None,))[0] != key:
+            cache[name] = (key, pad())
+        return cache[name][1]
+
     def pad(self, packed: torch.Tensor) -> torch.Tensor:
         """Scatter per-real-feature values ``(N_real, ...)`` into the padded ``(K, 2W, ...)``."""
         out = packed.new_zeros(self.n_bands * 2 * self.max_width, *packed.shape[1:])
@@ -122,17 +137,27 @@ class BandSplitEncoder(nn.Module):
             self.energy_weight.uniform_(-1.0, 1.0).div_(band_ri.float().sqrt()[:, None])
 
     def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        return self.from_real(torch.view_as_real(spec.transpose(1, 2)))
+
+    def from_real(self, spec_ri: torch.Tensor) -> torch.Tensor:
+        """The encoder on the spectrum's real and imaginary parts (what ``forward`` does after
+        ``view_as_real``, with the same values): real tensors only, for ONNX export.
+
+        Shape: spec_ri (B, T, F, 2) -> (B, T, K, D)
+        """
         grid = self.grid
-        bins = spec.transpose(1, 2)[..., grid.index]  # (B, T, K, W) complex
-        x = torch.view_as_real(bins).flatten(-2)  # (B, T, K, 2W), Re/Im interleaved
+        bins = spec_ri[:, :, grid.index]  # (B, T, K, W, 2)
+        x = bins.flatten(-2)  # (B, T, K, 2W), Re/Im interleaved
         mask = grid.valid_ri.to(x.dtype)
         count = mask.sum(-1, keepdim=True)  # (K, 1)
         x = x * mask  # the padding gathered bin 0; zero it before the statistics
         mean = x.sum(-1, keepdim=True) / count
         var = ((x - mean) * mask).pow(2).sum(-1, keepdim=True) / count
         x = (x - mean) * torch.rsqrt(var + NORM_EPS)
-        x = x * grid.pad(self.norm_weight) + grid.pad(self.norm_bias)  # padding stays 0
-        weight = grid.pad(self.proj_weight)  # (K, 2W, D)
+        norm_weight = grid.padded(self, "norm_weight", lambda: grid.pad(self.norm_weight))
+        norm_bias = grid.padded(self, "norm_bias", lambda: grid.pad(self.norm_bias))
+        x = x * norm_weight + norm_bias  # padding stays 0
+        weight = grid.padded(self, "proj_weight", lambda: grid.pad(self.proj_weight))  # (K,2W,D)
         log_energy = torch.log10(var + NORM_EPS)  # (B, T, K, 1): -5 for digital silence
         return (torch.einsum("btkf,kfd->btkd", x, weight.to(x.dtype)) + self.proj_bias
                 + log_energy * self.energy_weight)
@@ -175,23 +200,43 @@ class BandMergeDecoder(nn.Module):
         x = self.norm(z) * self.norm_weight + self.norm_bias
         x = torch.tanh(torch.einsum("btkd,kdh->btkh", x, self.hidden_weight) + self.hidden_bias)
         k, w2 = grid.n_bands, 2 * grid.max_width
-        weight = grid.pad(self.out_weight).permute(0, 2, 1, 3).reshape(k, -1, w2 * 2)  # (K,H,4W)
-        bias = grid.pad(self.out_bias).reshape(k, w2 * 2)
+        weight = grid.padded(self, "out_weight", lambda: grid.pad(self.out_weight).permute(
+            0, 2, 1, 3).reshape(k, -1, w2 * 2))  # (K, H, 4W)
+        bias = grid.padded(self, "out_bias", lambda: grid.pad(self.out_bias).reshape(k, w2 * 2))
         y = torch.einsum("btkh,khf->btkf", x, weight.to(x.dtype)) + bias
         y = y.unflatten(-1, (w2, 2))  # (B, T, K, 2W, 2): value, gate
         y = y[..., 0] * torch.sigmoid(y[..., 1])  # (B, T, K, 2W)
         y = y.flatten(2)[..., grid.flat_ri]  # (B, T, N_real) real features only
         return y.unflatten(-1, (-1, 2))  # (B, T, N_valid, 2)
 
+    def merge_real(self, masks: torch.Tensor) -> torch.Tensor:
+        """Normalised overlap-add of per-band masks onto the full spectrum, as real and
+        imaginary parts.
+
+        Shape: (B, T, N_valid, 2) -> (B, T, F, 2) float32
+        """
+        b, t = masks.shape[:2]
+        full = masks.new_zeros(b, t, self.n_bins, 2).index_add_(2, self.merge_index, masks)
+        full = full * self.inv_count[:, None]
+        return full.float()
+
     def merge(self, masks: torch.Tensor) -> torch.Tensor:
         """Normalised overlap-add of per-band masks onto the full spectrum.
 
         Shape: (B, T, N_valid, 2) -> (B, F, T) complex
         """
-        b, t = masks.shape[:2]
-        full = masks.new_zeros(b, t, self.n_bins, 2).index_add_(2, self.merge_index, masks)
-        full = full * self.inv_count[:, None]
-        return torch.view_as_complex(full.float().contiguous()).transpose(1, 2)
+        return torch.view_as_complex(self.merge_real(masks).contiguous()).transpose(1, 2)
 
     def forward(self, z: torch.Tensor, mix_spec: torch.Tensor) -> torch.Tensor:
         return self.merge(self.band_masks(z)) * mix_spec  # true complex multiplication
+
+    def forward_real(self, z: torch.Tensor, mix_ri: torch.Tensor) -> torch.Tensor:
+        """``forward`` on real and imaginary parts, the complex product written out (real
+        tensors only, for ONNX export; equal to ``forward`` up to float rounding).
+
+        Shape: z (B, T, K, D), mix_ri (B, T, F, 2) -> (B, T, F, 2)
+        """
+        mask = self.merge_real(self.band_masks(z))
+        m_re, m_im = mask[..., 0], mask[..., 1]
+        x_re, x_im = mix_ri[..., 0], mix_ri[..., 1]
+        return torch.stack([m_re * x_re - m_im * x_im, m_re * x_im + m_im * x_re], dim=-1)

@@ -230,16 +230,20 @@ class Generator(ReferenceConditioned):
     ) -> tuple[torch.Tensor, dict[str, Any]]:
         """A causal model on the next ``t`` STFT frames of a stream, given the state of the
         frames before them (None at the start): the running level and each block's state.
-        Frame by frame, this gives what ``extract`` gives on the whole signal.
+        Frame by frame, this gives what ``extract`` gives on the whole signal. The state also
+        holds what the conditioning derives from the reference (``reference_cache``), computed
+        at the first call.
 
         Shape: spec (B, F, t) complex -> (B, F, t) complex, state
         """
         if not self.causal:
             raise RuntimeError("stream_frames needs a causal model (model.causal: true)")
         if state is None:
-            state = {"level": self.level_state(spec.shape[0], spec.device), "blocks": None}
+            state = {"level": self.level_state(spec.shape[0], spec.device), "blocks": None,
+                     "reference": self.reference_cache(z_ref)}
         level, level_state = self.running_level(spec, state["level"])
         unit = spec / level[:, None]
-        z, blocks = self.conditioned_blocks_step(self.encoder(unit), z_ref, state["blocks"])
+        z, blocks = self.conditioned_blocks_step(self.encoder(unit), z_ref, state["reference"],
+                                                 state["blocks"])
         est = self.decoder(z, unit) * level[:, None]
-        return est, {"level": level_state, "blocks": blocks}
+        return est, {"level": level_state, "blocks": blocks, "reference": state["reference"]}

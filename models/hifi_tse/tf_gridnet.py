@@ -214,3 +214,38 @@ class TFGridNetBlock(nn.Module):
         out = x + self.attn.attend(y, key, value, mask)
         drop = max(0, key.shape[2] - (self.attn_lookback - 1))  # what the next frame cannot see
         return out, {"h": h, "c": c, "key": key[:, :, drop:], "value": value[:, :, drop:]}
+
+    @property
+    def cache_frames(self) -> int:
+        """Frames of keys and values that ``step_fixed`` carries: ``attn_lookback - 1`` (at
+        least one, so that no state is empty)."""
+        return max(1, self.attn_lookback - 1)
+
+    def step_fixed(
+        self, x: torch.Tensor, h: torch.Tensor, c: torch.Tensor, key: torch.Tensor,
+        value: torch.Tensor, n_past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """``step`` with a state of fixed shape, for an exported graph: the attention's cache
+        always holds ``cache_frames`` frames, of which the last ``n_past`` are real (the frames
+        before the stream's start are zeros that the mask hides). At the start ``h``, ``c``,
+        ``key`` and ``value`` are zeros and ``n_past`` 0; the caller advances ``n_past`` by
+        ``t``, up to ``cache_frames``. Gives ``step``'s output up to float rounding.
+
+        Shape: x (B, t, K, D), h, c (1, B*K, H), key (B, h, C, K*c), value (B, h, C, K*D/h),
+        n_past () int64 -> x (B, t, K, D), h, c, key, value
+        """
+        if not self.causal:
+            raise RuntimeError("step_fixed needs a causal block (model.causal)")
+        b, t, k, d = x.shape
+        x = self._across_bands(x)
+        y, (h, c) = self.inter.step(x.transpose(1, 2).reshape(b * k, t, d), (h, c))
+        x = x + y.view(b, k, t, d).transpose(1, 2)
+        y = self.attn_norm(x)
+        new_key, new_value = self.attn.keys_values(y)
+        cache = key.shape[2]
+        key = torch.cat([key, new_key], dim=2)
+        value = torch.cat([value, new_value], dim=2)
+        mask = lookback_mask(t, cache + t, self.attn_lookback, x.device)
+        real = torch.arange(cache + t, device=x.device) >= cache - n_past  # (C + t,)
+        out = x + self.attn.attend(y, key, value, mask & real[None])
+        return out, h, c, key[:, :, t:], value[:, :, t:]

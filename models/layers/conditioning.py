@@ -146,11 +146,21 @@ class SpeakerReinjectLayer(nn.Module):
         self.film = (EmbeddingFiLM(embedding_dim=embedding_dim, feature_dim=feature_dim)
                      if embedding_dim else None)
 
+    def reference_keys_values(self, z_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's keys and values, which a stream computes once."""
+        return self.attn.keys_values(self.norm_ref(z_ref))
+
+    def reinjected(
+        self, x: torch.Tensor, ref_kv: tuple[torch.Tensor, torch.Tensor],
+        embedding: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn.attend(self.norm_x(x), *ref_kv)
+        return x if self.film is None else self.film(x, embedding)
+
     def forward(
         self, x: torch.Tensor, z_ref: torch.Tensor, embedding: torch.Tensor | None = None
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm_x(x), self.norm_ref(z_ref))
-        return x if self.film is None else self.film(x, embedding)
+        return self.reinjected(x, self.reference_keys_values(z_ref), embedding)
 
 
 class ReferenceConditioned(nn.Module):
@@ -223,20 +233,35 @@ class ReferenceConditioned(nn.Module):
                 z = self._block(i, z, frames, embedding)
         return z
 
+    def reference_cache(self, z_ref: SpeakerReference) -> dict[str, Any]:
+        """What the conditioning computes from the reference alone (USEF's and every
+        re-injection layer's keys and values, FiLM's scale and shift): a stream computes it once
+        instead of at every hop."""
+        frames, embedding = z_ref
+        return {"usef": self.usef.reference_keys_values(frames),
+                "film": None if self.film is None else self.film.scale_shift(frames, embedding),
+                "reinject": {i: layer.reference_keys_values(frames)
+                             for i, layer in self.reinject.items()}}
+
     def conditioned_blocks_step(
-        self, z: torch.Tensor, z_ref: SpeakerReference, states: list[Any] | None
+        self, z: torch.Tensor, z_ref: SpeakerReference, cache: dict[str, Any],
+        states: list[Any] | None,
     ) -> tuple[torch.Tensor, list[Any]]:
-        """``conditioned_blocks`` on the next frames of a stream, each (causal) block from its
-        state after the frames before (None at the start); returns the new states.
+        """``conditioned_blocks`` on the next frames of a stream, with the reference's
+        ``reference_cache``, each (causal) block from its state after the frames before (None
+        at the start); returns the new states.
 
         Shape: z (B, t, K, D) -> (B, t, K, D), one state per block
         """
-        z = self._enter(z, z_ref)
+        z = self.usef.fused(z, cache["usef"])
+        if self.film is not None:
+            z = self.film.modulate(z, cache["film"])
         states = [None] * len(self.blocks) if states is None else states
         new_states = []
         for i, block in enumerate(self.blocks):
             if str(i) in self.reinject:
-                z = self.reinject[str(i)](z, z_ref.frames, z_ref.embedding)
+                z = self.reinject[str(i)].reinjected(z, cache["reinject"][str(i)],
+                                                     z_ref.embedding)
             z, state = block.step(z, states[i])
             new_states.append(state)
         return z, new_states

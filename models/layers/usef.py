@@ -88,9 +88,16 @@ class USEFCrossAttention(nn.Module):
         )
         self.fuse = nn.Linear(2 * feature_dim, feature_dim)
 
-    def forward(self, z_mix: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
-        attended = self.attn(self.norm_mix(z_mix), self.norm_ref(z_ref))
+    def reference_keys_values(self, z_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's keys and values, which a stream computes once."""
+        return self.attn.keys_values(self.norm_ref(z_ref))
+
+    def fused(self, z_mix: torch.Tensor, ref_kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        attended = self.attn.attend(self.norm_mix(z_mix), *ref_kv)
         return self.fuse(torch.cat([z_mix, attended], dim=-1))
+
+    def forward(self, z_mix: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor:
+        return self.fused(z_mix, self.reference_keys_values(z_ref))
 
 
 class FiLMLayer(nn.Module):
@@ -124,11 +131,25 @@ class FiLMLayer(nn.Module):
         std = (z_ref - mean[:, None]).pow(2).mean(dim=1).add(STD_EPS).sqrt()
         return self.embed(torch.cat([mean, std], dim=-1)).mean(dim=1)
 
-    def forward(
-        self, z: torch.Tensor, z_ref: torch.Tensor, embedding: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def scale_shift(
+        self, z_ref: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference's per-channel scale and shift, which a stream computes once.
+
+        Shape: z_ref (B, S, K, D) -> (B, D) each
+        """
         speaker = self.speaker_vector(z_ref)  # (B, D)
         if self.from_embedding is not None:
             speaker = speaker + self.from_embedding(embedding.to(speaker.dtype))
-        scale, shift = self.proj(speaker).chunk(2, dim=-1)  # (B, D) each
+        scale, shift = self.proj(speaker).chunk(2, dim=-1)
+        return scale, shift
+
+    @staticmethod
+    def modulate(z: torch.Tensor, scale_shift: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        scale, shift = scale_shift
         return z * (1 + scale[:, None, None]) + shift[:, None, None]
+
+    def forward(
+        self, z: torch.Tensor, z_ref: torch.Tensor, embedding: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.modulate(z, self.scale_shift(z_ref, embedding))
