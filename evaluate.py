@@ -75,6 +75,7 @@ from evaluation.sources import (
     with_transcripts,
 )
 from extraction.extractor import Extractor, InferenceError, resolve_device
+from extraction.onnx_runtime import OnnxBackendError, OnnxModel
 from models.registry import (
     ARCH_KEY,
     CheckpointError,
@@ -196,6 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad sample (exit 1) instead of skipping it")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: eval.device)")
+    parser.add_argument("--backend", choices=("torch", "onnxruntime"), default="torch",
+                        help="run the network in PyTorch or, exported (export_onnx.py), in ONNX "
+                        "Runtime on the CPU, as inference.py --backend does")
+    parser.add_argument("--onnx-dir", type=Path,
+                        help="export_onnx.py's folder for --backend onnxruntime")
+    parser.add_argument("--int8", action="store_true",
+                        help="the dynamically quantised int8 graphs (--backend onnxruntime)")
     parser.add_argument("--no-ema", action="store_true",
                         help="use the raw generator weights, not the EMA ones")
     return parser
@@ -252,10 +260,29 @@ def _fingerprint(args: argparse.Namespace, loaded: Checkpoint, groups: tuple[str
         "weights": "EMA" if loaded.use_ema else "generator", "metrics": list(groups),
         "sdr": metrics.sdr, "pesq_sr": metrics.pesq_sr, "si_sdr": args.si_sdr,
         "lufs": args.lufs, "chunk": args.chunk, "stream": args.stream,
+        "backend": _backend(args),
         "overlap": args.overlap if args.chunk is not None else None, "pcs": args.pcs,
         "missing_target": args.missing_target, "source_list_sha256": digest,
         "transcripts_sha256": None if args.transcripts is None else _sha256(args.transcripts),
     }
+
+
+def _backend(args: argparse.Namespace) -> str:
+    return "torch" if args.backend == "torch" else f"onnxruntime{' int8' if args.int8 else ''}"
+
+
+def _network(args: argparse.Namespace, loaded: Checkpoint) -> torch.nn.Module:
+    """The checkpoint's model, or the same model with its network run by ONNX Runtime."""
+    if args.backend == "torch":
+        if args.onnx_dir is not None or args.int8:
+            raise EvalInputError("--onnx-dir and --int8 go with --backend onnxruntime")
+        return loaded.model
+    if args.onnx_dir is None:
+        raise EvalInputError("--backend onnxruntime needs --onnx-dir (export_onnx.py's folder)")
+    try:
+        return OnnxModel(loaded.model, args.onnx_dir, int8=args.int8)
+    except OnnxBackendError as err:
+        raise EvalInputError(str(err)) from None
 
 
 def _report_skip(item: Skipped) -> None:
@@ -278,7 +305,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     if args.chunk is not None and not 0 <= args.overlap < args.chunk:
         raise EvalInputError(f"--overlap {args.overlap} must be >= 0 and below --chunk "
                              f"{args.chunk}")
-    device = resolve_device(args.device or cfg.eval.device)
+    model = _network(args, loaded)
+    device = resolve_device("cpu" if args.backend == "onnxruntime"
+                            else args.device or cfg.eval.device)
     run = RunSettings(jobs=max(0, args.jobs), lufs=args.lufs, chunk_seconds=args.chunk,
                       chunk_overlap_seconds=args.overlap, stream=args.stream,
                       metric_timeout_s=args.metric_timeout)
@@ -286,7 +315,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # The metric workers take one core each; more generator threads than the cores left
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - run.jobs))
-    extractor = Extractor(loaded.model, device=device, pcs=args.pcs)
+    extractor = Extractor(model, device=device, pcs=args.pcs)
     sources, skipped, source_desc, digest = _sources(args, cfg)
     for item in skipped:
         _report_skip(item)
@@ -374,6 +403,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                      f"{run.chunk_seconds:g} s chunks, {run.chunk_overlap_seconds:g} s overlap",
             "stream": "hop by hop through the causal model (extraction/streaming.py)"
                       if run.stream else None,
+            "backend": _backend(args),
             "pcs": "PCS400 at 48 kHz on every estimate (models/pcs.py)" if args.pcs else None,
             "missing_target": args.missing_target,
             "metric_timeout": f"{args.metric_timeout:g} s per started minute of a sample",

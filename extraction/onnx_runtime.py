@@ -114,6 +114,9 @@ def _session(path: Path, threads: int | None) -> Any:
     import onnxruntime as ort  # here: only a run with this backend needs it
 
     options = ort.SessionOptions()
+    # No spin-waiting after a run: between network calls the STFT, the level and the overlap-add
+    # run in PyTorch on the same cores, and spinning pool threads would take them.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

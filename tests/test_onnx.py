@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -26,8 +27,10 @@ import torch
 
 from config import load_config, model_kwargs
 from dsp.audio import SAMPLE_RATE
+from evaluate import EvalInputError, _network, build_parser
 from export_onnx import main as export_main
 from export_onnx import si_sdr_db
+from extraction.extractor import Extractor
 from extraction.onnx_runtime import EXPORT_META, OnnxBackendError, OnnxModel
 from extraction.streaming import StreamingExtractor
 from inference import main as inference_main
@@ -265,3 +268,25 @@ def test_what_is_not_exported_is_refused(config: str, overrides: list[str], flag
     assert len(err) == 1
     assert message in err[0]
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_runs_the_exported_network(causal: dict[str, Any], tmp_path: Path) -> None:
+    """evaluate.py --backend onnxruntime scores what ONNX Runtime extracts; a backend flag out
+    of place is one line."""
+    def parsed(*flags: str) -> Any:
+        return build_parser().parse_args(["--ckpt", str(causal["ckpt"]), "--out-dir",
+                                          str(tmp_path), *flags])
+
+    loaded = SimpleNamespace(model=causal["model"])
+    network = _network(parsed("--backend", "onnxruntime", "--onnx-dir", str(causal["dir"])),
+                       loaded)
+    assert isinstance(network, OnnxModel)
+    mix, ref = signals(0.9, seed=6)
+    want = Extractor(causal["model"]).extract_array(mix[0].numpy(), ref[0].numpy())
+    got = Extractor(network).extract_array(mix[0].numpy(), ref[0].numpy())
+    assert si_sdr_db(got, want) >= PARITY_DB
+    with pytest.raises(EvalInputError, match="needs --onnx-dir"):
+        _network(parsed("--backend", "onnxruntime"), loaded)
+    with pytest.raises(EvalInputError, match="go with --backend onnxruntime"):
+        _network(parsed("--int8"), loaded)
