@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Follow a train.py log and post WeCom (企业微信) webhook messages about the run: validation
 # results, new bests, non-finite losses, tracebacks / errors / out-of-memory (with the last log
-# lines), stalls and the end of training. The log line format is doc/log_format.md.
+# lines), stalls, the end of training (finished, or stopped on a signal) and the lines that
+# run_training.sh adds (restarts after a crash, giving up). The log line format is
+# doc/log_format.md.
 #
 # The webhook URL carries the bot's key, which lets anyone post to the group: it is never
 # printed, logged, put on a command line (curl reads it from a config file on a pipe) nor passed
@@ -31,7 +33,10 @@ Follow a train.py log (RUN_DIR/train.log, or a console log that also holds trace
 on and post WeCom markdown messages to the webhook in \$HIFI_TSE_WEBHOOK_URL or --webhook-file:
 monitor started, validation results (rate-limited), new best, non-finite loss, Python
 traceback / ERROR line / out of memory (with the last log lines), no new line for a while
-(stall) and its end, training finished. The log may be deleted, recreated or replaced.
+(stall) and its end, training finished or stopped on a signal (then no stall alert until the
+log goes on), and from run_training.sh: each restart of train.py (its exit status decoded,
+the checkpoint step it resumes from) and its final stop when it gives up after a crash loop
+or will not restart. The log may be deleted, recreated or replaced.
 Without a webhook URL, or with --dry-run, messages are printed to stdout instead.
 
 Options:
@@ -322,6 +327,7 @@ train_summary="" val_summary=""  # "train@N loss=... lr=..." / "val@N si_sdri=..
 declare -a context=()  # the last $context_lines log lines
 declare -A kv=()
 last_val_ms=-1 last_nonfinite_ms=-1 nonfinite_held=0
+ended=0  # 1 after a line that ends the run, until the next line: no stall alert meanwhile
 
 # parse_kv EVENT: its key=value words into kv
 parse_kv() {
@@ -343,6 +349,25 @@ summary() {
   for k; do
     [[ -n ${kv[$k]:-} ]] && REPLY+=" $k=${kv[$k]}"
   done
+}
+
+# exit_text STATUS -> REPLY: an exit status as text, "137 (killed by signal 9, SIGKILL)"; the
+# shell reports a process killed by signal N as 128+N (N <= 64)
+exit_text() {
+  local sig name
+  REPLY=$1
+  if [[ ! $1 =~ ^[0-9]{1,3}$ ]] || ((10#$1 <= 128 || 10#$1 > 192)); then return 0; fi
+  sig=$((10#$1 - 128))
+  REPLY+=" (killed by signal $sig"
+  name=$(kill -l "$sig" 2>/dev/null) && REPLY+=", SIG$name"
+  REPLY+=")"
+}
+
+# checkpoint_text LAST_STEP -> REPLY: the supervisor's last_step= as text
+checkpoint_text() {
+  if [[ $1 == none ]]; then REPLY="no checkpoint yet"
+  else REPLY="last checkpoint step ${1:-?}"
+  fi
 }
 
 # message TITLE COLOR [DETAIL]: the common head of every message -> MSG
@@ -401,8 +426,8 @@ flush_alert() {
   send "$MSG"
 }
 
-on_event() {  # LEVEL EVENT: one documented train.py line
-  local level=$1 event=$2 first=${2%% *} loss
+on_event() {  # LEVEL EVENT: one documented train.py (or run_training.sh) line
+  local level=$1 event=$2 first=${2%% *} loss reason title detail color
   case $first in
     *=*)  # a training step line
       parse_kv "$event"
@@ -439,11 +464,78 @@ on_event() {  # LEVEL EVENT: one documented train.py line
     training)
       if [[ $event == "training finished"* ]]; then
         parse_kv "${event#training finished}"
-        local reason=${kv[reason]:-}
+        ended=1
+        reason=${kv[reason]:-}
         message "training finished${reason:+: ${reason//_/ }}" info \
           "best si_sdri=${kv[best_si_sdri]:-?} dB"
         send "$MSG"
       fi
+      ;;
+    stopped)  # train.py's last line after a graceful stop, e.g. on SIGTERM
+      parse_kv "${event#stopped}"
+      ended=1
+      reason=${kv[reason]:-}
+      if [[ $reason == signal ]]; then
+        message "training stopped on ${kv[signal]:-a signal} at step $step" info "last.pt written"
+      else
+        message "training stopped${reason:+: ${reason//_/ }} at step $step" info
+      fi
+      send "$MSG"
+      ;;
+    restart)  # run_training.sh restarted train.py after it exited
+      parse_kv "${event#restart}"
+      exit_text "${kv[exit]:-?}"
+      title="restart ${kv[n]:-?} after exit $REPLY"
+      if [[ ${kv[last_step]:-} == none ]]; then
+        detail="no checkpoint yet: starting from scratch"
+      else
+        detail="resuming from the checkpoint at step ${kv[last_step]:-?}"
+      fi
+      [[ -n ${kv[wait_s]:-} ]] && detail+=" (after waiting ${kv[wait_s]} s)"
+      message "$title" warning "$detail"
+      send "$MSG"
+      ;;
+    supervisor)  # run_training.sh's last line; at level ERROR it skips the error alert path
+      if [[ $event != "supervisor stop" && $event != "supervisor stop "* ]]; then
+        parse_kv "$event"
+        return 0
+      fi
+      parse_kv "${event#supervisor stop}"
+      ended=1
+      reason=${kv[reason]:-unknown}
+      checkpoint_text "${kv[last_step]:-}"
+      detail=$REPLY
+      exit_text "${kv[exit]:-?}"
+      case $reason in
+        finished) ;;  # train.py's own last line has been reported
+        signal)  # with exit=0 train.py's stopped line has been reported
+          if [[ ${kv[exit]:-0} != 0 ]]; then  # e.g. during the wait before a restart
+            message "supervisor stopped on a signal; not restarted" info "last exit $REPLY; $detail"
+            send "$MSG"
+          fi
+          ;;
+        crash_loop)
+          title="supervisor gave up: ${kv[crashes]:-?} crashes in ${kv[window_min]:-?} min"
+          message "$title without a new checkpoint" warning "last exit $REPLY; $detail"
+          send "$MSG"
+          ;;
+        do_not_restart)
+          if [[ ${kv[exit]:-} == 2 ]]; then
+            reason="a config error, an incompatible checkpoint, the non-finite limit or a full disk"
+            message "train.py refused to run (exit 2); not restarted" warning \
+              "exit 2: $reason; $detail"
+          else
+            message "train.py exit $REPLY; not restarted" warning "$detail"
+          fi
+          send "$MSG"
+          ;;
+        *)
+          color=info
+          [[ $level == INFO || $level == DEBUG ]] || color=warning
+          message "supervisor stopped: ${reason//_/ }" "$color" "last exit $REPLY; $detail"
+          send "$MSG"
+          ;;
+      esac
       ;;
     *)
       parse_kv "$event"
@@ -485,7 +577,9 @@ on_line() {  # LINE
     trigger=oom
   elif [[ $line == "Traceback (most recent call last):"* ]]; then
     trigger=traceback
-  elif [[ $level == ERROR || $level == CRITICAL ]]; then
+  elif [[ ($level == ERROR || $level == CRITICAL) && ! $event =~ ^supervisor\ stop(\ |$) ]]; then
+    # The supervisor's stop line is a message of its own (on_event), not an error alert: as an
+    # ordinary line it sends the pending crash alert first instead of being dropped into it.
     trigger=error
   fi
   # A pending error goes out before the next ordinary log line: it ends the traceback.
@@ -532,7 +626,8 @@ partial=""
 while :; do
   now_ms
   wait_ms=$IDLE_WAIT_MS
-  ((!stalled && last_line_ms + stall_ms - NOW < wait_ms)) && wait_ms=$((last_line_ms + stall_ms - NOW))
+  ((!stalled && !ended && last_line_ms + stall_ms - NOW < wait_ms)) &&
+    wait_ms=$((last_line_ms + stall_ms - NOW))
   if [[ -n $alert_kind ]]; then
     due=$((last_line_ms + alert_delay_ms))
     ((alert_since_ms + ALERT_MAX_WAIT_FACTOR * alert_delay_ms < due)) &&
@@ -553,7 +648,7 @@ while :; do
       send "$MSG"
       now_ms
     fi
-    last_line_ms=$NOW
+    last_line_ms=$NOW ended=0
     on_line "$line"
   else
     rc=$?
@@ -570,7 +665,7 @@ while :; do
     NOW - alert_since_ms >= ALERT_MAX_WAIT_FACTOR * alert_delay_ms)); then
     flush_alert
   fi
-  if ((!stalled && NOW - last_line_ms >= stall_ms)); then
+  if ((!stalled && !ended && NOW - last_line_ms >= stall_ms)); then
     stalled=1
     flush_alert
     human_duration $((NOW - last_line_ms))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -34,6 +35,7 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
+from dsp.files import write_text_atomic
 from losses.adversarial import (
     discriminator_loss,
     feature_matching_loss,
@@ -44,7 +46,7 @@ from losses.adversarial import (
 from losses.pesq_target import PESQ_OFFSET, PESQ_SPAN
 from losses.separation import weighted_mean
 from models.hifi_tse.tf_gridnet import bf16_lstm_works, use_float32_lstms
-from models.registry import CheckpointError, normalised_args
+from models.registry import CheckpointError, one_line, read_checkpoint
 from training.distributed import ddp_sync, ranks_in_sync
 from training.loss_assembly import (
     ALL_ITEM_TERMS,
@@ -57,8 +59,15 @@ from training.loss_assembly import (
 )
 from training.nets import Nets, autocast_dtype, build_nets, resolve_device, wrap_ddp
 from training.schedules import StepSampler, gan_weight, lr_factor, phase_probs, sir_boost_db
-from training.state import CKPT_PREFIX, TrainState, rng_state, save_checkpoint
+from training.state import (
+    CKPT_PREFIX,
+    TrainState,
+    read_resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from training.step_log import StepLog
+from training.stopping import StopRequest, free_space, refuse
 from training.validation import swap_pairs_on, validate, write_examples
 
 log = logging.getLogger("train")
@@ -261,10 +270,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--resume", help="checkpoint to resume from (default: RUN_DIR/last.pt)")
     parser.add_argument("--init", help="checkpoint whose generator weights start a new run")
+    parser.add_argument("--print-run-dir", action="store_true",
+                        help="check the config, print its train.run_dir and exit "
+                             "(run_training.sh finds the run's log and checkpoints so)")
     args = parser.parse_args(argv)
+    # SIGTERM / SIGINT / SIGHUP from here on: stop after the current update (training/stopping)
+    stop = StopRequest()
+    try:
+        train(args, stop)
+    finally:
+        stop.restore()
 
+
+def train(args: argparse.Namespace, stop: StopRequest) -> None:
+    """The run ``main`` parsed: set-up, resume, the loop, the end; exits under the contract of
+    training/stopping.py (a refusal: ``EXIT_NO_RESTART``)."""
     # ---------------------------------------------------------------------------------------
-    # Config, distributed set-up, device, precision, logging
+    # Config, distributed set-up, device, precision
     # ---------------------------------------------------------------------------------------
     ddp = "RANK" in os.environ  # set by torchrun
     rank = int(os.environ.get("RANK", 0))
@@ -276,23 +298,24 @@ def main(argv: list[str] | None = None) -> None:
         device = resolve_device(cfg, ddp, local_rank)
         amp_dtype = autocast_dtype(cfg, device)
     except ConfigError as err:
-        sys.exit(f"error: {err}")
+        refuse(str(err))
+    if args.print_run_dir:
+        sys.stdout.write(f"{cfg.train.run_dir}\n")
+        return
+    run_dir = Path(cfg.train.run_dir)
+    resume = Path(args.resume) if args.resume else run_dir / "last.pt"
+    if args.resume and not resume.is_file():
+        refuse(f"{resume}: no such checkpoint")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
-    run_dir = Path(cfg.train.run_dir)
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        logging.basicConfig(
-            level=logging.INFO,
-            format="%(asctime)s %(levelname)s %(message)s",
-            handlers=[logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")],
-            force=True,
-        )
-    else:
-        logging.basicConfig(level=logging.WARNING, force=True)
+    # The console only, until the run is known to be valid: a refused run writes nothing in
+    # run_dir (a wrong --resume must not touch the run it names).
+    logging.basicConfig(level=logging.INFO if master else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s",
+                        handlers=[logging.StreamHandler()], force=True)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # Leave a core to each data worker: oversubscribed OpenMP threads spin at every LSTM
         # time step's barrier, and a step then takes 10-40x longer (measured on 2 cores).
@@ -303,8 +326,6 @@ def main(argv: list[str] | None = None) -> None:
         # A classification head over the training speakers (the batch's speaker_class): its
         # size comes from the data, and the resolved config and model_args record it.
         cfg.model.n_speakers = len(train_set.speaker_names)
-    if master:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True)
     torch.manual_seed(cfg.train.seed)  # same initial weights on every rank
@@ -313,47 +334,63 @@ def main(argv: list[str] | None = None) -> None:
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     # ---------------------------------------------------------------------------------------
-    # Networks, optimisers, scaler; the bf16 LSTM probe
+    # The checkpoint to resume from, checked against the config; networks, optimisers, scaler
     # ---------------------------------------------------------------------------------------
     try:
         margs = model_kwargs(cfg)  # reads a refiner's first-stage checkpoint
     except CheckpointError as err:
-        sys.exit(f"error: model.first_stage_ckpt: {err}")
-    resume = Path(args.resume) if args.resume else run_dir / "last.pt"
-    if args.resume and not resume.is_file():
-        sys.exit(f"error: {resume}: no such checkpoint")
+        refuse(f"model.first_stage_ckpt: {err}")
     try:
-        nets = build_nets(cfg, device, load_parts=not resume.is_file())
+        ckpt = read_resume_checkpoint(resume, margs) if resume.is_file() else None
+    except CheckpointError as err:
+        refuse(str(err))
+    try:
+        nets = build_nets(cfg, device, load_parts=ckpt is None)
     except ConfigError as err:  # a teacher (distill.teacher_ckpt) that cannot teach this run
-        sys.exit(f"error: {err}")
+        refuse(str(err))
+    lstms_in_float32 = 0
     if amp_dtype == torch.bfloat16 and not bf16_lstm_works(device):
-        count = use_float32_lstms(nets.generator)
+        lstms_in_float32 = use_float32_lstms(nets.generator)
         for frozen in (nets.ema, nets.teacher):
             if frozen is not None:
                 use_float32_lstms(frozen)
-        log.warning("bf16_lstm=unsupported device=%s lstms=%d run_in=float32 (the rest of the "
-                    "network stays bf16)", device, count)
     generator, ema = nets.generator, nets.ema
 
     # ---------------------------------------------------------------------------------------
     # Resume (exact) or initialise from weights
     # ---------------------------------------------------------------------------------------
     state = TrainState(nets)
-    if resume.is_file():
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
-        if normalised_args(ckpt["model_args"]) != margs:
-            sys.exit(f"error: {resume}: its model section differs from the config's")
+    if ckpt is not None:
         try:
             state.load(ckpt, rank=rank)
         except ConfigError as err:
-            sys.exit(f"error: {resume}: {err}")
-        log.info("resumed step=%d from=%s", state.step, resume)
+            refuse(f"{resume}: {err}")
     elif args.init:
-        ckpt = torch.load(args.init, map_location=device, weights_only=True)
-        generator.load_state_dict(ckpt["generator"])
+        try:
+            init = read_checkpoint(Path(args.init))
+            generator.load_state_dict(init["generator"])
+        except (CheckpointError, RuntimeError) as err:  # RuntimeError: other weights' shapes
+            refuse(f"--init {args.init}: {one_line(str(err))}")
         if ema is not None:
-            ema.load_state_dict(ckpt["generator"])
+            ema.load_state_dict(init["generator"])
+
+    # ---------------------------------------------------------------------------------------
+    # The run is valid: from here on it writes into run_dir (log, config, TensorBoard)
+    # ---------------------------------------------------------------------------------------
+    if master:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        file_log = logging.FileHandler(run_dir / "train.log")
+        file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(file_log)
+        write_text_atomic(run_dir / "config.yaml", dump_config(cfg))
+    if ckpt is not None:
+        log.info("resumed step=%d from=%s", state.step, resume)
+        del ckpt  # its tensors are memory-mapped: let the file go
+    elif args.init:
         log.info("initialised weights from=%s", args.init)
+    if lstms_in_float32:
+        log.warning("bf16_lstm=unsupported device=%s lstms=%d run_in=float32 (the rest of the "
+                    "network stays bf16)", device, lstms_in_float32)
     if ddp:
         wrap_ddp(nets, device)
     n_params = sum(p.numel() for p in generator.parameters())
@@ -373,12 +410,18 @@ def main(argv: list[str] | None = None) -> None:
         "pin_memory": device.type == "cuda",
         "persistent_workers": cfg.data.num_workers > 0,
     }
+    # Each loader draws its workers' base seed from a generator of its own, not from torch's
+    # global RNG: a fresh process's first validation would otherwise draw at another step than
+    # the run it resumes did, and shift what dropout (MetricGAN's discriminator) draws after.
+    # The items do not depend on it (their seeds are (seed, rank, epoch, index)).
     train_loader = DataLoader(
         train_set, sampler=StepSampler(start_step=state.step, batch_size=batch_size, cfg=cfg),
-        **loader_args,
+        generator=torch.Generator().manual_seed(cfg.train.seed + rank), **loader_args,
     )
     val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val"))
-    val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world), **loader_args)
+    val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world),
+                            generator=torch.Generator().manual_seed(cfg.train.seed + rank),
+                            **loader_args)
     swap_pairs = swap_pairs_on(val_set, cfg.train.n_val_pairs, rank, world, device)
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step) if master else None
     weights = loss_weights(cfg)
@@ -392,12 +435,14 @@ def main(argv: list[str] | None = None) -> None:
     log_keys = sorted({*weights, *LOG_ONLY_TERMS})
     nonfinite_run, corrupt = 0, 0
     t_start = t_log = time.perf_counter()
-    stop_reason = "total_steps reached"
+    trained_before = state.train_seconds  # in earlier processes of this run (restarts)
+    stop_reason, refused, signalled = "total_steps reached", False, False
     # Under a time budget total_steps is only a cap, and its ETA would mislead.
     bar = tqdm(total=None if cfg.train.max_minutes else cfg.train.total_steps, initial=state.step,
                unit="step", dynamic_ncols=True,
                disable=not (master and cfg.train.progress_bar))
     data_iter = iter(train_loader)
+    state.restore_rng()  # after the iterator's seed draw: as the saving run stood at its save
     while state.step < cfg.train.total_steps:
         batch = next(data_iter)
         corrupt += int(batch["n_corrupt"].sum())  # a CPU tensor: no device sync
@@ -421,7 +466,7 @@ def main(argv: list[str] | None = None) -> None:
             log.warning("nonfinite step=%d count=%d in_a_row=%d", step, state.nonfinite_total,
                         nonfinite_run)
             if nonfinite_run >= cfg.train.max_nonfinite:
-                stop_reason = f"{nonfinite_run} non-finite updates in a row"
+                stop_reason, refused = f"{nonfinite_run} non-finite updates in a row", True
                 log.error("stopping step=%d reason=%s", step, stop_reason.replace(" ", "_"))
                 break
 
@@ -451,21 +496,27 @@ def main(argv: list[str] | None = None) -> None:
                      " ".join(f"{k}={stats[k]:.4g}" for k in keys), state.nonfinite_total, corrupt)
             step_log, t_log = StepLog(), time.perf_counter()
 
-        # ---- end of run? (every rank must agree, so the budget decision is all-reduced)
+        # ---- end of run? A stop signal (to any rank) or the time budget (over every restart):
+        # every rank must stop at the same update, so both flags are all-reduced, always, on
+        # the training device (NCCL all-reduces only device tensors). The .tolist() adds no
+        # wait of its own, as update() has just synchronised with the device.
         final = step >= cfg.train.total_steps
-        if cfg.train.max_minutes:
-            # On the training device: NCCL all-reduces only device tensors. This .item() adds
-            # no wait of its own, as update() has just synchronised with the device.
-            elapsed_min = (time.perf_counter() - t_start) / 60
-            over = torch.tensor(float(elapsed_min > cfg.train.max_minutes), device=device)
-            if ddp:
-                dist.all_reduce(over, op=dist.ReduceOp.MAX)
-            if over.item():
-                final, stop_reason = True, f"time budget of {cfg.train.max_minutes:g} min used"
+        state.train_seconds = trained_before + time.perf_counter() - t_start
+        over_budget = bool(cfg.train.max_minutes) and (
+            state.train_seconds > 60 * cfg.train.max_minutes)
+        flags = torch.tensor([float(over_budget), float(stop.requested)], device=device)
+        if ddp:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        over_budget, signalled = (bool(f) for f in flags.tolist())
+        if over_budget:
+            final, stop_reason = True, f"time budget of {cfg.train.max_minutes:g} min used"
+        if signalled:
+            final, stop_reason = True, "signal"
 
-        # ---- validation, best checkpoint, early stopping
+        # ---- validation, best checkpoint, early stopping (a stop on a signal validates only
+        # when validation is due: the grace period before torchrun's SIGKILL is 30 s)
         is_best = False
-        if step % cfg.train.val_every == 0 or final:
+        if step % cfg.train.val_every == 0 or (final and not signalled):
             val, examples = validate(nets, cfg, val_loader, autocast=autocast, ddp=ddp,
                                      pairs=swap_pairs)
             if writer is not None:
@@ -494,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
             in_sync = ranks_in_sync(nets)
             log.info("ranks step=%d world=%d in_sync=%d", step, world, in_sync)
             if not in_sync:
-                stop_reason = "ranks hold different weights"
+                stop_reason, refused = "ranks hold different weights", True
                 log.error("stopping step=%d reason=%s", step, stop_reason.replace(" ", "_"))
                 final = True
         if periodic or is_best:
@@ -505,15 +556,25 @@ def main(argv: list[str] | None = None) -> None:
                 rngs = [rng_state()]
             if master:
                 payload = state.payload(model_args=margs, config=to_dict(cfg), rngs=rngs)
-                if periodic:
-                    save_checkpoint(run_dir / f"{CKPT_PREFIX}{step:09d}.pt", payload)
-                    for old in sorted(run_dir.glob(f"{CKPT_PREFIX}*.pt"))[
-                        : -cfg.train.keep_checkpoints or None
-                    ]:
-                        old.unlink()
-                    save_checkpoint(run_dir / "last.pt", payload)
-                if is_best:
-                    save_checkpoint(run_dir / "best.pt", payload)
+                saves = ([run_dir / f"{CKPT_PREFIX}{step:09d}.pt", run_dir / "last.pt"]
+                         if periodic else []) + ([run_dir / "best.pt"] if is_best else [])
+                for path in saves:
+                    try:
+                        save_checkpoint(path, payload)
+                    except OSError as err:
+                        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                            raise
+                        # The previous file is intact (save_checkpoint is atomic); restarting
+                        # would only fill the disk again.
+                        log.error("stopping step=%d reason=disk_full path=%s", step, path)
+                        refuse(f"{path}: no space left on device while writing the checkpoint "
+                               f"({free_space(path.parent)}); the previous one is intact")
+                    if path.name.startswith(CKPT_PREFIX):
+                        for old in sorted(run_dir.glob(f"{CKPT_PREFIX}*.pt"))[
+                            : -cfg.train.keep_checkpoints or None
+                        ]:
+                            old.unlink()
+                log.info("saved step=%d files=%s", step, ",".join(p.name for p in saves))
         if final:
             break
 
@@ -521,18 +582,23 @@ def main(argv: list[str] | None = None) -> None:
     if nets.pesq is not None:
         nets.pesq.close()
     if master:
-        log.info("training finished step=%d best_si_sdri=%.3f reason=%s", state.step,
-                 state.best_si_sdri,
-                 stop_reason.replace(" ", "_"))
+        if signalled:
+            log.info("stopped step=%d reason=signal signal=%s", state.step,
+                     stop.name or "on_another_rank")
+        else:
+            log.info("training finished step=%d best_si_sdri=%.3f reason=%s", state.step,
+                     state.best_si_sdri, stop_reason.replace(" ", "_"))
         if writer is not None:
             writer.close()
     if ddp:
         dist.destroy_process_group()
-    if stop_reason.endswith("in a row") or stop_reason.startswith("ranks"):
-        sys.exit(1)
+    if refused:
+        refuse(f"training stopped: {stop_reason} (see {run_dir / 'train.log'})")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``main``, with an uncaught exception logged before it ends the process
+    (exit status 1: a crash, safe to restart)."""
     try:
         main()
     except Exception:
@@ -540,3 +606,7 @@ if __name__ == "__main__":
         # (CUDA out-of-memory included).
         log.exception("crashed")
         raise
+
+
+if __name__ == "__main__":
+    cli()

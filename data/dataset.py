@@ -82,6 +82,7 @@ from config import DataConfig
 from data.hdf5_store import CorruptEntryError, H5Reader
 from data.manifest import ManifestError, PackedTable, load_packed
 from dsp.audio import SAMPLE_RATE
+from dsp.processes import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -804,7 +805,9 @@ def dataset_kwargs(d: DataConfig, split: str, *, rank: int = 0) -> dict[str, Any
 def seed_worker(worker_id: int) -> None:
     """``worker_init_fn`` for DataLoader: seeds the global RNGs (numpy, random) of each worker
     from torch's per-worker seed, for any library that draws from them. The dataset itself
-    never does; its samples depend on (seed, rank, epoch, index) only."""
+    never does; its samples depend on (seed, rank, epoch, index) only. The worker ignores the
+    stop signals: the training process decides when to stop (``dsp.processes``)."""
+    ignore_stop_signals()
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)  # noqa: NPY002 -- global state is exactly what this protects
     random.seed(seed)

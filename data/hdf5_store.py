@@ -2,8 +2,11 @@
 
 Layout: one float32 mono 48 kHz dataset per file (or per RIR channel) under its manifest key,
 chunked in 1 s pieces so that a 4 s crop reads about five chunks and never the whole
-utterance. Attributes: ``source``, ``speaker`` (speech), ``path``, ``num_samples`` and, written
-last, ``complete``.
+utterance. Every chunk carries an HDF5 Fletcher-32 checksum (4 bytes; ``dataset.fletcher32`` is
+True), so bytes changed on disk after packing fail the read instead of feeding wrong audio that
+stays in range. Packs written before the checksums read as they did, unchecked; repacking
+(delete the file) adds them, and a resumed pack adds them to its new entries only. Attributes:
+``source``, ``speaker`` (speech), ``path``, ``num_samples`` and, written last, ``complete``.
 
 Crash safety: the writer flushes after every entry and sets ``complete`` only after the data,
 so a killed pack leaves at most one entry without it; the next run deletes such entries and
@@ -44,7 +47,8 @@ IN_FLIGHT_PER_WORKER = 4  # decoded files waiting for the writer; bounds the wri
 
 
 class CorruptEntryError(RuntimeError):
-    """An HDF5 entry that is missing, unreadable, incomplete or holds non-finite samples."""
+    """An HDF5 entry that is missing, unreadable, incomplete, fails its checksum or holds
+    non-finite samples."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,22 +166,26 @@ class PackResult:
     audio_bytes: int = 0  # float32 bytes written by this run
 
 
-def _existing_entries(f: h5py.File) -> tuple[dict[str, int], list[str]]:
-    """(complete key -> samples, incomplete keys) of an HDF5 file left by an earlier run."""
+def _existing_entries(f: h5py.File) -> tuple[dict[str, int], list[str], int]:
+    """(complete key -> samples, incomplete keys, complete entries without checksums) of an
+    HDF5 file left by an earlier run."""
     complete: dict[str, int] = {}
     incomplete: list[str] = []
+    unchecked = 0
 
     def visit(name: str, obj: Any) -> None:
+        nonlocal unchecked
         if not isinstance(obj, h5py.Dataset):
             return
         n = obj.attrs.get("num_samples", -1)
         if obj.attrs.get(COMPLETE_ATTR, False) and obj.ndim == 1 and obj.shape[0] == n:
             complete[name] = int(n)
+            unchecked += not obj.fletcher32
         else:
             incomplete.append(name)
 
     f.visititems(visit)
-    return complete, incomplete
+    return complete, incomplete, unchecked
 
 
 def pack(
@@ -207,7 +215,7 @@ def pack(
     min_samples = max(1, round(min_seconds * SAMPLE_RATE))
     result = PackResult(skipped=[dict(p) for p in problems or []])
     with _decoder(workers) as decode, h5py.File(h5_path, "a") as f:
-        complete, incomplete = _existing_entries(f)
+        complete, incomplete, unchecked = _existing_entries(f)
         for name in incomplete:
             del f[name]
         if incomplete:
@@ -221,6 +229,9 @@ def pack(
         if result.n_resumed:
             log.info("%s: %d entries already packed, %d to go", h5_path, result.n_resumed,
                      len(todo))
+        if unchecked:
+            log.info("%s: %d entries were packed without checksums; delete the file and pack "
+                     "again to add them", h5_path, unchecked)
         bar = tqdm(total=len(todo), desc=h5_path.name, unit="file", disable=not show_progress)
         for entry, wave, error in decode(todo, min_samples):
             bar.update()
@@ -230,7 +241,11 @@ def pack(
                 continue
             n = len(wave)
             ds = f.create_dataset(
-                entry["key"], data=wave, dtype=np.float32, chunks=(min(n, CHUNK_SAMPLES),)
+                entry["key"],
+                data=wave,
+                dtype=np.float32,
+                chunks=(min(n, CHUNK_SAMPLES),),
+                fletcher32=True,  # per chunk: a read of changed bytes fails (module docstring)
             )
             for name in ("source", "speaker", "path"):
                 if entry.get(name) is not None:
@@ -306,6 +321,7 @@ class H5Reader:
         path = self.files[file_index]
         name = key.decode()
         out = np.zeros(stop - start, dtype=np.float32)
+        ds: h5py.Dataset | None = None
         try:
             ds = self._file(file_index)[name]
             if (file_index, key) not in self._checked:
@@ -319,7 +335,16 @@ class H5Reader:
                 ds.read_direct(out, np.s_[lo:hi], np.s_[lo - start : hi - start])
         except CorruptEntryError:
             raise
-        except (KeyError, OSError, ValueError, RuntimeError) as err:
+        except OSError as err:
+            # HDF5 reports a Fletcher-32 mismatch only as a failed filter ("filter returned
+            # failure during read"), and the checksum is the one filter a pack applies.
+            if ds is not None and ds.fletcher32 and "filter" in str(err):
+                raise CorruptEntryError(
+                    f"{path}: entry '{name}': checksum mismatch, bytes changed after packing "
+                    f"({err})"
+                ) from None
+            raise CorruptEntryError(f"{path}: cannot read entry '{name}' ({err})") from None
+        except (KeyError, ValueError, RuntimeError) as err:
             raise CorruptEntryError(f"{path}: cannot read entry '{name}' ({err})") from None
         if not np.isfinite(out).all() or np.abs(out).max(initial=0.0) > MAX_ABS_SAMPLE:
             raise CorruptEntryError(f"{path}: entry '{name}' holds non-finite or garbage samples")

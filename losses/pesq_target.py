@@ -26,6 +26,8 @@ import torch
 from pesq import PesqError, pesq
 from torch import Tensor
 
+from dsp.processes import ignore_stop_signals
+
 PESQ_SAMPLE_RATE = 16_000  # wide-band PESQ is defined at 16 kHz
 PESQ_MODE = "wb"
 PESQ_OFFSET, PESQ_SPAN = 1.0, 3.5  # (PESQ - 1) / 3.5
@@ -75,8 +77,11 @@ class PesqScorer:
             estimate, target: (B, N) -> a future of (B,) float32, NaN where undefined.
         """
         if self._pool is None:
+            # The workers ignore the stop signals: train.py stops gracefully, and Ctrl-C
+            # reaches the whole process group.
             self._pool = ProcessPoolExecutor(self.workers,
-                                             mp_context=multiprocessing.get_context("spawn"))
+                                             mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=ignore_stop_signals)
             self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="pesq")
         # On the CPU these are the tensors themselves: nothing writes to them afterwards.
         est = estimate.detach().float().to("cpu", non_blocking=True)

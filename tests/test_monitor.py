@@ -345,6 +345,122 @@ def test_stall_alert_once_then_resumed(webhook, run_monitor):
     assert "step 100" in webhook.contents()[2]
 
 
+# run_training.sh (the supervisor) appends its own lines; train.py stops gracefully on a signal.
+CRASH = [f"{PREFIX} ERROR crashed", *TRACEBACK]
+
+
+def test_restart_lines_decode_the_exit_status_after_the_crash_alert(webhook, run_monitor):
+    monitor = run_monitor(*FAST, url=webhook.url)
+    wait_for(lambda: len(webhook.requests) == 1)
+    monitor.write(step_line(1300), *CRASH)
+    # keys in another order, a bare word and an unknown key, as parsers must accept
+    monitor.write(f"{PREFIX} WARNING restart wait_s=40 exit=137 cause=oom n=3 after last_step=1200")
+    wait_for(lambda: len(webhook.requests) == 3)
+    monitor.write(f"{PREFIX} WARNING restart n=1 after exit=1 last_step=none wait_s=10")
+    wait_for(lambda: len(webhook.requests) == 4)
+    # stopped during the wait: no train.py line says so (with exit=0 it would be a duplicate)
+    monitor.write(f"{PREFIX} INFO supervisor stop reason=signal exit=1 last_step=none")
+    wait_for(lambda: len(webhook.requests) == 5)
+    time.sleep(1.0)  # nothing else: the WARNING lines are no error alerts
+    monitor.stop()
+
+    assert webhook.titles() == [
+        "monitor started",
+        "Python traceback",  # the crash alert as before, sent when the restart line came
+        "restart 3 after exit 137 (killed by signal 9, SIGKILL)",
+        "restart 1 after exit 1",
+        "supervisor stopped on a signal; not restarted",
+    ]
+    _, crash, killed, crashed, signalled = webhook.contents()
+    assert crash.endswith(TRACEBACK[-1] + "\n```")
+    assert "restart" not in crash
+    assert "resuming from the checkpoint at step 1200 (after waiting 40 s)" in killed
+    assert "step 1300" in killed  # the last step train.py logged
+    assert "oom" not in killed
+    assert "no checkpoint yet: starting from scratch (after waiting 10 s)" in crashed
+    assert '<font color="warning">' in killed
+    assert "last exit 1; no checkpoint yet" in signalled
+
+
+def test_supervisor_stop_is_one_message_after_the_pending_alert(webhook, run_monitor):
+    monitor = run_monitor(*FAST, url=webhook.url)
+    wait_for(lambda: len(webhook.requests) == 1)
+    # the supervisor gives up at once, while the crash alert still waits for its traceback's end
+    monitor.write(
+        step_line(1300),
+        *CRASH,
+        f"{PREFIX} ERROR supervisor stop reason=crash_loop crashes=5 window_min=30 exit=137 "
+        "last_step=1200",
+    )
+    wait_for(lambda: len(webhook.requests) == 3)
+    monitor.write(
+        f"{PREFIX} ERROR stopping step=1400 reason=20_non-finite_updates_in_a_row",
+        f"{PREFIX} ERROR supervisor stop last_step=none extra=1 exit=2 reason=do_not_restart",
+    )
+    wait_for(lambda: len(webhook.requests) == 5)
+    monitor.write(f"{PREFIX} ERROR supervisor stop reason=lost_the_gpu exit=3 last_step=1400")
+    wait_for(lambda: len(webhook.requests) == 6)
+    time.sleep(2.0)  # longer than an error alert waits: no second message for any stop line
+    monitor.stop()
+
+    assert webhook.titles() == [
+        "monitor started",
+        "Python traceback",
+        "supervisor gave up: 5 crashes in 30 min without a new checkpoint",
+        "training stopped: 20 non-finite updates in a row",
+        "train.py refused to run (exit 2); not restarted",
+        "supervisor stopped: lost the gpu",
+    ]
+    _, crash, gave_up, stopping, refused, other = webhook.contents()
+    assert crash.endswith(TRACEBACK[-1] + "\n```")
+    assert "supervisor" not in crash
+    assert "last exit 137 (killed by signal 9, SIGKILL); last checkpoint step 1200" in gave_up
+    assert "```" not in gave_up
+    assert stopping.endswith("reason=20_non-finite_updates_in_a_row\n```")
+    assert "reason=do_not_restart" not in stopping
+    assert (
+        "exit 2: a config error, an incompatible checkpoint, the non-finite limit or a full "
+        "disk; no checkpoint yet" in refused
+    )
+    assert "extra" not in refused
+    assert "last exit 3; last checkpoint step 1400" in other
+
+
+def test_stopped_on_a_signal_ends_the_run_until_new_lines(webhook, run_monitor):
+    monitor = run_monitor("--stall-minutes", "0.01", "--val-interval", "0", *FAST, url=webhook.url)
+    wait_for(lambda: len(webhook.requests) == 2)  # started; stalled (0.6 s without a line)
+    monitor.write(
+        step_line(1500),
+        f"{PREFIX} INFO stopped signal=SIGTERM step=1500 reason=signal unknown=x",
+        f"{PREFIX} INFO supervisor stop reason=signal exit=0",  # nothing more to say
+    )
+    wait_for(lambda: len(webhook.requests) == 4)
+    time.sleep(1.5)  # the run has ended: no stall alert
+    assert len(webhook.requests) == 4
+    # a person starts the run again in the same folder: followed and reported as before
+    monitor.write(f"{PREFIX} INFO resumed step=1500 from=last.pt", step_line(1600), val_line(2000))
+    wait_for(lambda: len(webhook.requests) == 6)  # validation; then stalled again
+    monitor.write(
+        f"{PREFIX} INFO training finished step=2000 best_si_sdri=14.210 reason=done",
+        f"{PREFIX} INFO supervisor stop reason=finished exit=0",
+    )
+    wait_for(lambda: len(webhook.requests) == 8)
+    time.sleep(1.5)
+    monitor.stop()
+
+    titles = webhook.titles()
+    assert titles[:3] == ["monitor started", titles[1], "log resumed"]
+    assert titles[3] == "training stopped on SIGTERM at step 1500"
+    assert titles[4] == "validation"  # no "log resumed": no stall was reported after the stop
+    assert titles[5].startswith("stalled: no new log line for ")
+    assert titles[6:] == ["log resumed", "training finished: done"]
+    assert len(titles) == 8
+    stopped, val = webhook.contents()[3:5]
+    assert "last.pt written" in stopped
+    assert "unknown" not in stopped
+    assert "val@2000" in val
+
+
 def test_follows_a_recreated_or_replaced_log(webhook, run_monitor, tmp_path):
     monitor = run_monitor("--val-interval", "0", *FAST, url=webhook.url)
     wait_for(lambda: len(webhook.requests) == 1)

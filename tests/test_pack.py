@@ -1,9 +1,12 @@
-"""HDF5 packing on the real recordings: round trip, layout, resume after a kill, bad inputs."""
+"""HDF5 packing on the real recordings: round trip, layout, resume after a kill, bad inputs,
+bytes changed on disk after packing (checksums)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +20,15 @@ import soundfile as sf
 import soxr
 
 from config import DataConfig, load_config
-from data.hdf5_store import CHUNK_SAMPLES, COMPLETE_ATTR, pack
+from data.dataset import HiFiTSEDataset, dataset_kwargs
+from data.hdf5_store import (
+    CHUNK_SAMPLES,
+    COMPLETE_ATTR,
+    CorruptEntryError,
+    H5Reader,
+    decode_entry,
+    pack,
+)
 from data.manifest import MANIFEST_NAMES, read_manifest
 from data.prepare_manifest import prepare
 from data.scan import scan_speech
@@ -74,6 +85,7 @@ def test_layout_attributes_and_manifests(packed: DataConfig) -> None:
             assert ds.attrs["speaker"] == e["speaker"]
             assert ds.attrs["source"] == "ravdess"
             assert ds.chunks == (min(CHUNK_SAMPLES, e["num_samples"]),)  # crops read ~1 s pieces
+            assert ds.fletcher32
     # Noise at 16 kHz and 44.1 kHz RIRs were resampled: lengths follow the 48 kHz rate.
     for kind in ("noise", "rir"):
         for e in entries(packed, kind):
@@ -169,3 +181,131 @@ def test_bad_inputs_are_skipped_and_reported(shared_data: Path, tmp_path: Path) 
     assert all(str(root) in s["path"] for s in report["skipped"])
     with h5py.File(h5, "r") as f:
         assert sorted(f["t/spk"]) == sorted(f.stem for f in good)
+
+
+# ---- bytes changed after packing -----------------------------------------------------------
+
+DAMAGE = np.full(64, 0.01, dtype=np.float32)  # in range: passes the finite / magnitude checks
+
+
+def few_entries(shared_data: Path, n: int) -> list[dict]:
+    files = sorted((shared_data / "speech" / "ravdess" / "Actor_01").glob("*.flac"))[:n]
+    return [{"key": f"t/{f.stem}", "path": str(f)} for f in files]
+
+
+def pack_without_checksums(chosen: list[dict], h5: Path) -> None:
+    """What ``pack`` wrote before checksums: the same chunks and attributes, no Fletcher-32."""
+    with h5py.File(h5, "a") as f:
+        for e in chosen:
+            wave = decode_entry(e)
+            ds = f.create_dataset(e["key"], data=wave, chunks=(min(len(wave), CHUNK_SAMPLES),))
+            ds.attrs["path"] = e["path"]
+            ds.attrs["num_samples"] = len(wave)
+            ds.attrs[COMPLETE_ATTR] = True
+
+
+def damage(h5: Path, key: str, all_chunks: bool = False) -> None:
+    """Overwrite the first 64 samples of the entry's first (or every) stored chunk with
+    ``DAMAGE``, through the plain file as a failing disk or a stray write would."""
+    with h5py.File(h5, "r") as f:
+        ds_id = f[key].id
+        chunks = range(ds_id.get_num_chunks() if all_chunks else 1)
+        offsets = [ds_id.get_chunk_info(i).byte_offset for i in chunks]
+    with open(h5, "r+b") as raw:
+        for offset in offsets:
+            raw.seek(offset)
+            raw.write(DAMAGE.tobytes())
+
+
+def test_checksum_catches_in_range_overwrite(shared_data: Path, tmp_path: Path) -> None:
+    speech = few_entries(shared_data, 3)
+    h5 = tmp_path / "speech.h5"
+    pack(speech, h5, min_seconds=0.5, workers=0, show_progress=False)
+    bad, good = speech[0]["key"], speech[1]["key"]
+    damage(h5, bad)
+
+    reader = H5Reader([str(h5)])
+    with pytest.raises(CorruptEntryError, match="checksum mismatch") as err:
+        reader.read(0, bad.encode(), 0, 4 * SR)
+    assert str(h5) in str(err.value)
+    assert bad in str(err.value)
+    # Only crops that touch the damaged 1 s chunk are refused, and other entries read.
+    reader.read(0, bad.encode(), CHUNK_SAMPLES, 2 * CHUNK_SAMPLES)
+    expected = reference_decode(speech[1]["path"])
+    np.testing.assert_allclose(reader.read(0, good.encode(), 0, len(expected)), expected,
+                               atol=1e-6, rtol=0)
+    reader.close()
+
+
+def test_without_checksums_the_same_overwrite_goes_unnoticed(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An old pack (no checksums) reads as before, and the same damage passes unnoticed: the
+    checksum is what catches it."""
+    speech = few_entries(shared_data, 2)
+    h5 = tmp_path / "speech.h5"
+    pack_without_checksums(speech, h5)
+    key = speech[0]["key"]
+    damage(h5, key)
+
+    reader = H5Reader([str(h5)])
+    with caplog.at_level(logging.WARNING):
+        crop = reader.read(0, key.encode(), 0, 4 * SR)
+        reader.read(0, speech[1]["key"].encode(), 0, 4 * SR)
+    reader.close()
+    np.testing.assert_array_equal(crop[: len(DAMAGE)], DAMAGE)
+    assert not np.array_equal(reference_decode(speech[0]["path"])[: len(DAMAGE)], DAMAGE)
+    assert not caplog.records
+
+
+def test_resume_on_a_pack_without_checksums(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pack resumed on a file written before checksums keeps the old entries as they are
+    and checksums the new ones; all of them read."""
+    speech = few_entries(shared_data, 4)
+    h5 = tmp_path / "speech.h5"
+    pack_without_checksums(speech[:2], h5)
+    with caplog.at_level(logging.INFO, logger="data.hdf5_store"):
+        result = pack(speech, h5, min_seconds=0.5, workers=0, show_progress=False)
+    assert (result.n_resumed, result.n_new, result.n_removed) == (2, 2, 0)
+    assert "2 entries were packed without checksums" in caplog.text
+    with h5py.File(h5, "r") as f:
+        assert [f[e["key"]].fletcher32 for e in speech] == [False, False, True, True]
+
+    reader = H5Reader([str(h5)])
+    for e in speech:
+        expected = reference_decode(e["path"])
+        assert result.num_samples[e["key"]] == len(expected)
+        np.testing.assert_allclose(reader.read(0, e["key"].encode(), 0, len(expected)), expected,
+                                   atol=1e-6, rtol=0)
+    reader.close()
+    damage(h5, speech[3]["key"])
+    reader = H5Reader([str(h5)])
+    with pytest.raises(CorruptEntryError, match="checksum mismatch"):
+        reader.read(0, speech[3]["key"].encode(), 0, SR)
+    reader.read(0, speech[0]["key"].encode(), 0, SR)
+    reader.close()
+
+
+def test_dataset_skips_and_counts_entries_that_fail_their_checksum(
+    packed: DataConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.copytree(packed.manifest_dir, tmp_path / "manifests")
+    shutil.copytree(packed.hdf5_dir, tmp_path / "hdf5")
+    manifests = tmp_path / "manifests"
+    speakers = {f"ravdess_Actor_{i:02d}" for i in range(1, 5)}
+    bad = [e for e in entries(packed, "speech") if e["speaker"] in speakers]
+    for e in bad:
+        damage(manifests / e["hdf5"], e["key"], all_chunks=True)
+    bad_keys = {e["key"] for e in bad}
+
+    ds = HiFiTSEDataset(**{**dataset_kwargs(packed, "train"), "manifest_dir": manifests})
+    with caplog.at_level(logging.WARNING, logger="data.dataset"):
+        items = [ds[i] for i in range(8)]
+    assert ds.n_corrupt > 0
+    assert sum(s["n_corrupt"] for s in items) == ds.n_corrupt
+    assert "checksum mismatch" in caplog.text
+    for s in items:
+        used = {s["target_utt"], s["ref_utt"], *s["interferer_utts"].split("|")}
+        assert not used & bad_keys

@@ -12,6 +12,7 @@ import torch
 
 from config import ConfigError
 from dsp.files import atomic_path
+from models.registry import ARCH_KEY, CheckpointError, normalised_args, read_checkpoint
 from training.nets import Nets, disc_kind
 
 CKPT_PREFIX = "step_"
@@ -40,9 +41,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic: a killed write leaves the previous file intact, never half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Atomic and durable (``atomic_path``): a killed write or a power cut leaves the previous
+    file intact, never half a checkpoint. A full disk raises ``OSError`` (``errno.ENOSPC``):
+    written through a Python file, as torch's own path writer reports it as a bare
+    ``RuntimeError`` ("unexpected pos")."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+
+
+def read_resume_checkpoint(path: Path, model_args: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint a run resumes from, refused (``CheckpointError``, naming ``path`` and both
+    sides) when it cannot be read or holds another model than ``model_args`` describes."""
+    ckpt = read_checkpoint(path)
+    saved = normalised_args(ckpt["model_args"])
+    if saved[ARCH_KEY] != model_args[ARCH_KEY]:
+        raise CheckpointError(f"{path}: it holds a {saved[ARCH_KEY]} model, the config builds "
+                              f"{model_args[ARCH_KEY]}: resume with the config it was trained "
+                              "with (its run's config.yaml) or another run_dir")
+    diffs = [k for k in sorted({*saved, *model_args}) if saved.get(k) != model_args.get(k)]
+    if diffs:
+        shown = "; ".join(f"model.{k}: checkpoint {saved.get(k)!r}, config "
+                          f"{model_args.get(k)!r}" for k in diffs[:4])
+        more = f" and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+        raise CheckpointError(f"{path}: its {saved[ARCH_KEY]} model differs from the "
+                              f"config's ({shown}{more})")
+    return ckpt
 
 
 # Parts of Nets a checkpoint holds under their own names (None where a run has none).
@@ -60,9 +83,13 @@ class TrainState:
     best_si_sdri: float = -math.inf
     bad_validations: int = 0
     nonfinite_total: int = 0
+    # Training time (s) up to the checkpoint, over every restart: train.max_minutes spans them.
+    # The time between a checkpoint and a crash is lost with the steps it trained.
+    train_seconds: float = 0.0
+    _rng: dict[str, Any] | None = None  # a checkpoint's RNG states, until restore_rng()
 
     COUNTERS: ClassVar[tuple[str, ...]] = (
-        "step", "best_si_sdri", "bad_validations", "nonfinite_total",
+        "step", "best_si_sdri", "bad_validations", "nonfinite_total", "train_seconds",
     )
 
     def payload(self, *, model_args: dict[str, Any], config: dict[str, Any],
@@ -95,6 +122,15 @@ class TrainState:
             part = getattr(self.nets, name)
             if part is not None and ckpt.get(name) is not None:
                 part.load_state_dict(ckpt[name])
-        for name in self.COUNTERS:
-            setattr(self, name, ckpt[name])
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0])
+        for name in self.COUNTERS:  # a counter added since the checkpoint keeps its default
+            setattr(self, name, ckpt.get(name, getattr(self, name)))
+        self._rng = ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0]
+
+    def restore_rng(self) -> None:
+        """Set the RNG states ``load`` read, if any. Call it where the saving run was when it
+        took them, the top of the loop: what the set-up draws in between (a DataLoader
+        iterator draws its base seed from torch's RNG) must not shift the stream that dropout
+        (MetricGAN's discriminator) draws from."""
+        if self._rng is not None:
+            set_rng_state(self._rng)
+            self._rng = None
