@@ -18,8 +18,9 @@ extracts; with ``--chunk`` also chunk by chunk, as a streaming system would. The
 on that sample (``evaluation/isolation.py``). Outputs (``evaluation/report.py``) in
 ``--out-dir``: ``per_sample.csv`` (each row appended as it is done; a rerun into the same folder
 with the same settings scores only the missing IDs, one with other settings is refused),
-``fingerprint.json``, ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and the best,
-median and worst TP samples' audio and spectrograms under ``examples/``.
+``fingerprint.json``, ``summary.json``, ``report.md``, ``report.html`` (the same, with the
+figures and audio players in the page), ``si_sdri_hist.png`` and the best, median and worst TP
+samples' audio and spectrograms under ``examples/``.
 
 A bad sample (a missing, unreadable, empty, too short or non-finite file, a duplicate ID, a
 target whose length is not its mixture's or that is silent, a voiceless reference) is skipped
@@ -56,7 +57,7 @@ from config import (
 from data.manifest import ManifestError
 from dsp.audio import SAMPLE_RATE, AudioError
 from dsp.files import write_text_atomic
-from evaluation import report
+from evaluation import html_report, report
 from evaluation.isolation import WorkerError
 from evaluation.metrics import PESQ_MODES, MetricSettings
 from evaluation.runner import METRIC_TIMEOUT_S, RunSettings, extract_all, load_sample, run_samples
@@ -420,6 +421,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                       json.dumps(report.json_safe(result), indent=2, allow_nan=False) + "\n")
     write_text_atomic(out_dir / report.REPORT_NAME,
                       report.render_report(info, summary, rows, columns))
+    write_text_atomic(out_dir / html_report.HTML_NAME,
+                      html_report.render_html(info, summary, rows, columns))
     means = {m: s["mean"] for m, s in summary["metrics"].items()}
     log.info("SI-SDRi %s dB, PESQ %s, STOI %s, TA suppression %s dB -> %s",
              report.fmt(means.get("si_sdri"), "+.2f"), report.fmt(means.get("pesq")),

@@ -1,7 +1,11 @@
 """Chaos: one tiny-config run under run_training.sh, killed (SIGKILL) on a seeded schedule,
 against its uninterrupted twin.
 
-    python bench/bench_chaos.py [--total-steps 600] [--kills 10] [--seed 0] [--no-write]
+    python bench/bench_chaos.py [--total-steps 3000] [--kills 15] [--ckpt-every 20]
+                                [--val-every 300] [--seed 0] [--no-write]
+
+About 20 minutes on 2 CPU cores with the defaults (the twin and the killed run, one after the
+other, each with one training thread).
 
 Every feature that keeps state across a restart is on: a data worker, gradient accumulation 2,
 target-absent items (phase 2 from step 4), the SIR curriculum, the EMA, the GAN phase (MetricGAN,
@@ -12,7 +16,8 @@ land anywhere in a step, a validation or a checkpoint write. The supervisor rest
 (``--backoff 0``).
 
 Reports kills that landed, restarts, checkpoints written, micro-steps trained again after a
-restart (the work lost by each kill), steps missing at the end, and whether the final weights
+restart (the work lost by each kill), steps missing at the end, processes left behind (worker
+processes of killed runs still alive at the end), and whether the final weights
 (generator, EMA, discriminator, both optimizers) equal the twin's bit for bit. Writes its
 section of doc/benchmarks.md and ends with one JSON line. Needs ../shared/data.
 
@@ -44,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 SUPERVISOR = REPO / "run_training.sh"
 STATE_PARTS = ("generator", "ema", "disc")
 OPTIMIZERS = ("opt_g", "opt_d")
+MARKER = "HIFI_TSE_CHAOS_RUN"  # an environment variable that tags every process of a run
 
 
 def chaos_settings(total_steps: int, *, ckpt_every: int = 4, val_every: int | None = None
@@ -79,6 +85,19 @@ def write_run_config(path: Path, data: dict[str, Any], settings: dict[str, dict[
 def child_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
             "OMP_WAIT_POLICY": "PASSIVE", "PYTHON": sys.executable}
+
+
+def processes_marked(value: str) -> list[int]:
+    """The live processes whose environment holds ``MARKER=value``: what is left of a run."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if f"{MARKER}={value}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
 
 
 def trainer_pid(supervisor: int) -> int | None:
@@ -129,7 +148,7 @@ def run_chaos(root: Path, data: dict[str, Any], *, total_steps: int, kills: int,
     """The twin straight through, then the same config under run_training.sh with ``kills``
     SIGKILLs; returns the measurements (see the module docstring)."""
     settings = settings or chaos_settings(total_steps)
-    env = child_env()
+    env = {**child_env(), MARKER: str(root)}  # inherited by every process the runs start
     twin_cfg = write_run_config(root / "twin" / "config.yaml", data, settings)
     start = time.monotonic()
     twin = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(twin_cfg)],
@@ -146,10 +165,11 @@ def run_chaos(root: Path, data: dict[str, Any], *, total_steps: int, kills: int,
     span = (total_steps - 2 * log_every) / kills
     targets = [int(span * k + rng.uniform(0, span)) for k in range(kills)]
     start = time.monotonic()
-    sup = subprocess.Popen(["bash", str(SUPERVISOR), "--backoff", "0", "--max-crashes",
-                            str(kills + 2), "--", "--config", str(cfg)], env=env,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           start_new_session=True)
+    console = root / "chaos" / "console.log"  # a file: a pipe nobody reads would fill up
+    with open(console, "w") as out:
+        sup = subprocess.Popen(["bash", str(SUPERVISOR), "--backoff", "0", "--max-crashes",
+                                str(kills + 2), "--", "--config", str(cfg)], env=env,
+                               stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     landed, kill_times = 0, []
     try:
         for target in targets:
@@ -176,6 +196,8 @@ def run_chaos(root: Path, data: dict[str, Any], *, total_steps: int, kills: int,
         if sup.poll() is None:
             os.killpg(sup.pid, signal.SIGKILL)
     chaos_s = time.monotonic() - start
+    time.sleep(2.0)  # a worker whose parent just died gets its signal now
+    orphans = processes_marked(str(root))
     text = log_path.read_text()
     events = logged_steps(text)
     repeated, reached = 0, 0
@@ -194,7 +216,8 @@ def run_chaos(root: Path, data: dict[str, Any], *, total_steps: int, kills: int,
         "steps_trained_again": repeated, "steps_missing": total_steps - int(b["step"]),
         "final_equal": equal, "max_abs_diff": worst,
         "twin_minutes": round(twin_s / 60, 2), "chaos_minutes": round(chaos_s / 60, 2),
-        "supervisor_stderr_tail": sup.stderr.read()[-500:] if code else "",
+        "orphan_processes": len(orphans),
+        "console_tail": console.read_text()[-500:] if code else "",
     }
 
 
@@ -216,22 +239,28 @@ def packed_data(root: Path) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--total-steps", type=int, default=600)
-    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--total-steps", type=int, default=3000)
+    parser.add_argument("--kills", type=int, default=15)
+    parser.add_argument("--ckpt-every", type=int, default=20, help="micro-steps (even)")
+    parser.add_argument("--val-every", type=int, default=300, help="micro-steps (even)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="leave doc/benchmarks.md alone")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="chaos_") as tmp:
         root = Path(tmp)
+        settings = chaos_settings(args.total_steps, ckpt_every=args.ckpt_every,
+                                  val_every=args.val_every)
         result = run_chaos(root, packed_data(root), total_steps=args.total_steps,
-                           kills=args.kills, seed=args.seed)
-    rows = [["micro-steps (accumulation 2)", result["total_steps"]],
+                           kills=args.kills, seed=args.seed, settings=settings)
+    rows = [["micro-steps (accumulation 2), checkpoint / validation every",
+             f"{result['total_steps']}, {args.ckpt_every} / {args.val_every}"],
             ["kills planned / landed (SIGKILL)", f"{args.kills} / {result['kills_landed']}"],
             ["restarts by run_training.sh", result["restarts"]],
             ["supervisor exit", result["supervisor_exit"]],
             ["checkpoints written", result["checkpoints_written"]],
             ["micro-steps trained again after a kill", result["steps_trained_again"]],
             ["micro-steps missing at the end", result["steps_missing"]],
+            ["processes left behind (orphaned workers)", result["orphan_processes"]],
             ["final weights, EMA, discriminator, optimizers equal to the twin's",
              "bit for bit" if result["final_equal"] else
              f"NO (max abs diff {result['max_abs_diff']:.3g})"],
@@ -242,7 +271,7 @@ def main() -> None:
     if not args.no_write:
         write_section("chaos", f"{machine()}; seed {args.seed}; kill times (s): "
                       f"{result['kill_times_s']}\n\n{table}\n")
-    print_json({k: v for k, v in result.items() if k != "supervisor_stderr_tail"})
+    print_json({k: v for k, v in result.items() if k != "console_tail"})
 
 
 if __name__ == "__main__":

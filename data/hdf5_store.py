@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import signal
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -37,6 +36,7 @@ from tqdm import tqdm
 
 from dsp.audio import SAMPLE_RATE, AudioError, load_audio
 from dsp.files import write_json_atomic
+from dsp.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +104,6 @@ def _decode_task(task: tuple[dict[str, Any], int]) -> tuple[np.ndarray | None, s
     return wave, None
 
 
-def _die_with_parent() -> None:
-    """Pool initializer: a decoder whose packer was killed (SIGKILL) exits instead of living on
-    as an orphan (Linux; elsewhere it ends when its task pipe closes)."""
-    try:
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 @contextmanager
 def _decoder(workers: int) -> Iterator[Callable[..., Iterator[tuple]]]:
     """A function that decodes entries in ``workers`` processes and yields ``(entry, wave,
@@ -132,7 +120,7 @@ def _decoder(workers: int) -> Iterator[Callable[..., Iterator[tuple]]]:
         return
     # fork: workers start at once and inherit the imports; they never touch HDF5.
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    with mp.get_context(method).Pool(workers, initializer=_die_with_parent) as pool:
+    with mp.get_context(method).Pool(workers, initializer=die_with_parent) as pool:
 
         def decode(entries: list[dict[str, Any]], min_samples: int) -> Iterator[tuple]:
             pending: deque = deque()

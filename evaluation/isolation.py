@@ -19,12 +19,10 @@ process decides what happens to the run.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from dsp.processes import die_with_parent
 from evaluation.metrics import MetricSettings
 from evaluation.sources import Sample
 
@@ -43,8 +42,6 @@ ESTIMATE_FILE = "estimate{}.npy"  # {} is the column prefix ("" or "stream_")
 INFO_FILE = "sample.json"
 START_TIMEOUT_S = 300.0  # a worker that cannot import its modules in this long is broken
 STOP_TIMEOUT_S = 10.0
-PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
-PARENT_POLL_S = 1.0
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 _CONTEXT = multiprocessing.get_context("spawn")  # safe after CUDA and OpenMP are initialised
 
@@ -116,28 +113,9 @@ def read_item(folder: Path) -> tuple[Sample, dict[str, np.ndarray]]:
     return sample, estimates
 
 
-def _die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies (a SIGKILLed evaluation must not
-    leave a hung metric running); elsewhere a thread polls the parent."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
-            return
-    except (OSError, AttributeError):
-        pass
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
 def _worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     # The metrics never use a GPU: a worker must not initialise CUDA (the device is the main
     # process's). One thread per worker: the workers are the parallelism, and the generator in
     # the main process needs the remaining cores (NUMBA_NUM_THREADS: ViSQOL's numba kernels,

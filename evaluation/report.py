@@ -5,10 +5,12 @@ beside ``fingerprint.json``, the settings the rows were scored with: a run that 
 its rows, and a rerun into the same folder with the same fingerprint scores only the missing IDs
 (``resume_rows``); one with another fingerprint is refused. At the end ``per_sample.csv`` is
 rewritten in source order, and every other file is written atomically (a temporary file in the
-same folder, then a rename): ``summary.json``, ``report.md``, ``si_sdri_hist.png`` and, for the
-best, median and worst TP samples by SI-SDRi, ``examples/{label}_spectrogram.png`` and
-``examples/{label}_{mix,ref,estimate,target}.wav``. The summaries are computed from the rows as
-the CSV holds them (6 decimals), so a resumed run's summary equals an uninterrupted one's.
+same folder, then a rename): ``summary.json``, ``report.md`` and ``report.html`` (the same
+``report_blocks``, the HTML by ``evaluation/html_report.py``), ``si_sdri_hist.png`` and, for the
+best, median and worst TP samples by SI-SDRi, ``examples/{label}_spectrogram.png`` (mixture,
+reference, estimate and target) and ``examples/{label}_{mix,ref,estimate,target}.wav``. The
+summaries are computed from the rows as the CSV holds them (6 decimals), so a resumed run's
+summary equals an uninterrupted one's.
 Summaries (mean, median, standard deviation, 5/25/75/95th percentiles) skip NaN; the WER of a
 group is the corpus WER (all its errors over all its reference words), not a mean of per-sample
 rates.
@@ -22,6 +24,7 @@ import itertools
 import json
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -375,10 +378,11 @@ def plot_histogram(path: Path, values: Sequence[float]) -> None:
 
 
 def plot_spectrograms(path: Path, signals: dict[str, np.ndarray], title: str) -> None:
-    """Stacked log-magnitude spectrograms (the project's STFT) on one colour scale.
+    """Stacked log-magnitude spectrograms (the project's STFT) on one colour scale and one time
+    axis; a shorter signal (the reference, a recording of its own) ends early.
 
     Shape:
-        signals: name -> (N,) at 48 kHz
+        signals: name -> (N_name,) at 48 kHz
     """
     stft = STFT()
     db = {
@@ -386,15 +390,16 @@ def plot_spectrograms(path: Path, signals: dict[str, np.ndarray], title: str) ->
         for name, w in signals.items()
     }  # name -> (F, T)
     vmax = max(float(d.max()) for d in db.values())
-    seconds = max(len(w) for w in signals.values()) / SAMPLE_RATE
     fig = Figure(figsize=(10.0, 2.4 * len(db)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(len(db), 1, sharex=True))
     image = None
     for ax, (name, d) in zip(axes, db.items(), strict=True):
         image = ax.imshow(d, origin="lower", aspect="auto", cmap="magma",
-                          extent=(0.0, seconds, 0.0, SAMPLE_RATE / 2 / HZ_PER_KHZ),
+                          extent=(0.0, len(signals[name]) / SAMPLE_RATE,
+                                  0.0, SAMPLE_RATE / 2 / HZ_PER_KHZ),
                           vmin=vmax - SPEC_DYNAMIC_RANGE_DB, vmax=vmax)
         ax.set_ylabel(f"{name}\nkHz")
+    axes[-1].set_xlim(0.0, max(len(w) for w in signals.values()) / SAMPLE_RATE)
     axes[-1].set_xlabel("time (s)")
     axes[0].set_title(title)
     fig.colorbar(image, ax=list(axes), label="dB")
@@ -429,7 +434,8 @@ def write_examples(
         si_sdri = rows[index]["si_sdri"]
         plot_spectrograms(
             out_dir / spec_rel,
-            {"mixture": waves["mix"], "estimate": waves["estimate"], "target": waves["target"]},
+            {"mixture": waves["mix"], "reference": waves["ref"][:crop],
+             "estimate": waves["estimate"], "target": waves["target"]},
             f"{label}: {sample.id}, SI-SDRi {si_sdri:+.2f} dB",
         )
         examples[label] = {"id": sample.id, "si_sdri": si_sdri, "spectrogram": spec_rel,
@@ -438,8 +444,59 @@ def write_examples(
 
 
 # ---------------------------------------------------------------------------------------------
-# The Markdown report
+# The report: blocks of content that report.md (here) and report.html (html_report.py) render
 # ---------------------------------------------------------------------------------------------
+
+# The text of a block is Markdown inline text whose only markup is `code` (the examples table of
+# report.md adds links), so that report.html can render it after escaping it.
+
+
+@dataclass(frozen=True)
+class Heading:
+    text: str
+    level: int = 2
+
+
+@dataclass(frozen=True)
+class Paragraph:
+    text: str
+
+
+@dataclass(frozen=True)
+class Item:
+    text: str
+    sub: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class Items:
+    """A bullet list; an item may carry a list of its own, one level deep."""
+
+    items: Sequence[str | Item]
+
+
+@dataclass(frozen=True)
+class Table:
+    header: Sequence[str]
+    rows: Sequence[Sequence[str]]
+
+
+@dataclass(frozen=True)
+class Image:
+    alt: str
+    src: str  # relative to the report
+
+
+@dataclass(frozen=True)
+class Examples:
+    """The picked samples as ``write_examples`` returns them: a table of links in report.md,
+    spectrograms beside audio players in report.html."""
+
+    examples: dict[str, Any]
+
+
+Block = Heading | Paragraph | Items | Table | Image | Examples
+NO_EXAMPLES = "No target-present sample with a finite SI-SDRi: no examples."
 
 
 def fmt(value: float | None, spec: str = ".2f", unit: str = "") -> str:
@@ -453,18 +510,10 @@ def _stat(summary: dict[str, Any], name: str, key: str = "mean") -> str:
     return "n/a" if stats is None else fmt(stats[key], column(name).fmt)
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in lines),
-    ]
-
-
 HEADLINE = ("si_sdr", "si_sdri", "pesq", "stoi", "ta_suppression_db")
 
 
-def _headline(info: dict[str, Any], summary: dict[str, Any]) -> list[str]:
+def _headline(info: dict[str, Any], summary: dict[str, Any]) -> Table:
     lines = [["this checkpoint", *(_stat(summary, m) for m in HEADLINE),
               f"{info['generator_params'] / 1e6:.2f} M params"]]
     if info["settings"].get("chunk"):
@@ -477,26 +526,26 @@ def _headline(info: dict[str, Any], summary: dict[str, Any]) -> list[str]:
         lines.append([ref["label"], fmt(ref["si_sdr"]), fmt(ref["si_sdri"], "+.2f"),
                       fmt(ref["pesq"]), fmt(ref["stoi"], ".3f"),
                       fmt(ref["ta_suppression_db"], ".1f"), f"{ref['params'] / 1e6:.2f} M params"])
-    return _table(["model", "SI-SDR (dB)", "SI-SDRi (dB)", "PESQ", "STOI", "TA suppression (dB)",
-                   "generator"], lines)
+    return Table(["model", "SI-SDR (dB)", "SI-SDRi (dB)", "PESQ", "STOI", "TA suppression (dB)",
+                  "generator"], lines)
 
 
 def _pct(share: float) -> str:
     return fmt(100 * share, ".1f", " %")
 
 
-def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[str]:
+def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[Block]:
     """Wrong speaker, target-free quality and WER: the estimate against what it started from."""
     lines: list[str] = []
     bad = summary["bad_si_sdri"]
     if bad["n_tp"]:
         below0, below5 = bad["below_0_db"], bad["below_-5_db"]
-        lines += [f"- TP samples made worse (SI-SDRi < 0 dB): {below0['count']} of {bad['n_tp']} "
+        lines += [f"TP samples made worse (SI-SDRi < 0 dB): {below0['count']} of {bad['n_tp']} "
                   f"({_pct(below0['share'])}); badly (< -5 dB): {below5['count']} "
                   f"({_pct(below5['share'])})"]
     if summary["metrics"].get("ref_sens_db", {}).get("n"):
         sens = summary["metrics"]["ref_sens_db"]
-        lines += [f"- reference swap ({sens['n']} TP samples whose interferers are known, run "
+        lines += [f"reference swap ({sens['n']} TP samples whose interferers are known, run "
                   "once more with another sample's reference, another speaker's where speakers "
                   "are known): SI-SDRi "
                   f"{_stat(summary, 'si_sdri')} dB with their own, "
@@ -505,7 +554,7 @@ def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[str]
                   "two different voices)"]
     if summary["metrics"].get("confusion", {}).get("n"):
         conf = summary["metrics"]["confusion"]
-        lines += [f"- speaker confusion (estimate closer to an interferer than to the target, "
+        lines += [f"speaker confusion (estimate closer to an interferer than to the target, "
                   f"SI-SDR of the sources as heard): {_pct(conf['mean'])} of {conf['n']} TP "
                   "samples whose interferers are known"]
     pairs = [("speaker similarity to the reference (GE2E cosine)", "spk_sim_ref", "spk_sim_mix"),
@@ -521,13 +570,16 @@ def _truth_section(summary: dict[str, Any], columns: Sequence[str]) -> list[str]
                       fmt(wer.get("wer"), ".3f"), fmt(wer.get("wer_mix"), ".3f")])
         table.append(["WER of the clean target (the recogniser's floor)",
                       fmt(wer.get("wer_target"), ".3f"), ""])
+    blocks: list[Block] = [Items(lines)] if lines else []
     if table:
-        lines += ["", *_table(["measure (mean)", "estimate", "mixture"], table)]
-    return ["## Wrong speaker, quality without a target, words", "", *lines, ""] if lines else []
+        blocks.append(Table(["measure (mean)", "estimate", "mixture"], table))
+    if not blocks:
+        return []
+    return [Heading("Wrong speaker, quality without a target, words"), *blocks]
 
 
 def _stream_section(info: dict[str, Any], summary: dict[str, Any],
-                    columns: Sequence[str]) -> list[str]:
+                    columns: Sequence[str]) -> list[Block]:
     names = [c.removeprefix(STREAM_PREFIX) for c in columns if c.startswith(STREAM_PREFIX)]
     if not names:
         return []
@@ -539,49 +591,47 @@ def _stream_section(info: dict[str, Any], summary: dict[str, Any],
         rows.append([column(name).label, fmt(whole, spec), fmt(other, spec),
                      fmt(diff, "+" + spec)])
     if info["settings"].get("stream"):
-        title, kind, how = ("## Streamed extraction: causal, hop by hop", "streamed",
+        title, kind, how = ("Streamed extraction: causal, hop by hop", "streamed",
                             "The mixture pushed one hop at a time through the causal model, "
                             "as a live system runs it (`Extractor.extract_streamed`).")
     else:
-        title, kind, how = (f"## Chunked (streaming) extraction: {info['settings']['chunk']}",
+        title, kind, how = (f"Chunked (streaming) extraction: {info['settings']['chunk']}",
                             "chunked", "Each chunk extracted alone at its own level, with the one "
                             "reference embedding, and cross-faded back together "
                             "(`Extractor.extract_chunked`).")
-    return [title, "", how, "",
-            *_table(["metric (mean)", "whole file", kind, "difference"], rows), ""]
+    return [Heading(title), Paragraph(how),
+            Table(["metric (mean)", "whole file", kind, "difference"], rows)]
 
 
-def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict],
-                  columns: Sequence[str]) -> str:
-    """The Markdown report: headline (as doc/design.md's seed results), wrong speaker and
-    target-free measures, chunked extraction, distributions, breakdown, failures, examples."""
+def report_blocks(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict],
+                  columns: Sequence[str]) -> list[Block]:
+    """The report's content: headline (as doc/design.md's seed results), wrong speaker and
+    target-free measures, chunked extraction, distributions, breakdown, skipped inputs,
+    failures, histogram and examples."""
     whole = [c for c in columns if not c.startswith(STREAM_PREFIX)]
     stream_kind = "streamed" if info["settings"].get("stream") else "chunked"
     counts = ", ".join(f"{info[f'n_{c.lower()}']} {c}" for c in CONDITIONS
                        if info[f"n_{c.lower()}"])
-    lines = [
-        "# HiFi-TSE evaluation",
-        "",
-        f"- checkpoint: `{info['checkpoint']}`"
-        + (f" (step {info['step']})" if info.get("step") is not None else "")
-        + f", weights: {info['weights']}",
-        f"- samples: {info['source']}: {info['n_samples']} ({counts})",
-        f"- generator: {info['generator_params']:,} parameters ({info['arch']})",
-        *(f"- {k}: {v}" for k, v in info["settings"].items()
-          if k not in ("snr_band_edges_db", "sir_band_edges_db", "sample_rate", "long_inputs")
-          and v not in (None, False)),
-        "- long recordings (above 60 s):",
-        *(f"  - {unit}: {rule}" for unit, rule in info["settings"]["long_inputs"].items()),
-        "",
-        "## Headline (means)",
-        "",
-        *_headline(info, summary),
-        "",
+    blocks: list[Block] = [
+        Heading("HiFi-TSE evaluation", 1),
+        Items([
+            f"checkpoint: `{info['checkpoint']}`"
+            + (f" (step {info['step']})" if info.get("step") is not None else "")
+            + f", weights: {info['weights']}",
+            f"samples: {info['source']}: {info['n_samples']} ({counts})",
+            f"generator: {info['generator_params']:,} parameters ({info['arch']})",
+            *(f"{k}: {v}" for k, v in info["settings"].items()
+              if k not in ("snr_band_edges_db", "sir_band_edges_db", "sample_rate",
+                           "long_inputs") and v not in (None, False)),
+            Item("long recordings (above 60 s):",
+                 [f"{unit}: {rule}" for unit, rule in info["settings"]["long_inputs"].items()]),
+        ]),
+        Heading("Headline (means)"),
+        _headline(info, summary),
         *_truth_section(summary, columns),
         *_stream_section(info, summary, columns),
-        "## Distributions",
-        "",
-        *_table(
+        Heading("Distributions"),
+        Table(
             ["metric", "n", "mean", "median", "std", *(f"p{p}" for p in PERCENTILES)],
             [
                 [column(m).label + (f" ({stream_kind})" if m.startswith(STREAM_PREFIX) else ""),
@@ -592,10 +642,8 @@ def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
                 for s in [summary["metrics"][m]] if s["n"]
             ],
         ),
-        "",
-        "## Breakdown (means)",
-        "",
-        *_table(
+        Heading("Breakdown (means)"),
+        Table(
             ["group", *CONDITIONS, *(column(m).label for m in whole if m != "words"),
              "SI-SDRi < 0"],
             [
@@ -605,33 +653,63 @@ def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
                 for name, g in summary["breakdown"].items()
             ],
         ),
-        "",
     ]
     skipped: list[Skipped] = info["skipped"]
     if skipped:
-        lines += ["## Inputs skipped", "",
-                  f"{len(skipped)} sample{'s' if len(skipped) != 1 else ''} not scored:", "",
-                  *(f"- `{k.id}`: {k.problem}" for k in skipped), ""]
+        blocks += [Heading("Inputs skipped"),
+                   Paragraph(f"{len(skipped)} sample{'s' if len(skipped) != 1 else ''} "
+                             "not scored:"),
+                   Items([f"`{k.id}`: {k.problem}" for k in skipped])]
     failures = [(r["id"], r["notes"]) for r in rows if r.get("notes")]
     if failures:
-        counts = summary["metric_failures"]
-        lines += ["## Metrics that failed (NaN)", "",
-                  f"{counts['n_items']} of {len(rows)} samples lost at least one metric:", "",
-                  *_table(["reason", "samples"],
-                          [[r, str(n)] for r, n in counts["reasons"].items()]),
-                  "", *(f"- `{i}`: {n}" for i, n in failures), ""]
-    lines += ["## Figures and audio", "", f"![SI-SDRi histogram]({HIST_NAME})", ""]
-    examples = info["examples"]
-    if examples:
-        lines += _table(
-            ["example", "id", "SI-SDRi", "spectrogram", "audio"],
-            [
-                [label, f"`{ex['id']}`", fmt(ex["si_sdri"], "+.2f", " dB"),
-                 f"[png]({ex['spectrogram']})",
-                 " ".join(f"[{k}]({v})" for k, v in ex["audio"].items())]
-                for label, ex in examples.items()
-            ],
-        )
-    else:
-        lines.append("No target-present sample with a finite SI-SDRi: no examples.")
-    return "\n".join(lines) + "\n"
+        failed = summary["metric_failures"]
+        blocks += [Heading("Metrics that failed (NaN)"),
+                   Paragraph(f"{failed['n_items']} of {len(rows)} samples lost at least one "
+                             "metric:"),
+                   Table(["reason", "samples"],
+                         [[r, str(n)] for r, n in failed["reasons"].items()]),
+                   Items([f"`{i}`: {n}" for i, n in failures])]
+    blocks += [Heading("Figures and audio"), Image("SI-SDRi histogram", HIST_NAME),
+               Examples(info["examples"]) if info["examples"] else Paragraph(NO_EXAMPLES)]
+    return blocks
+
+
+def _markdown_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in lines),
+    ]
+
+
+def _markdown(block: Block) -> list[str]:
+    match block:
+        case Heading(text, level):
+            return [f"{'#' * level} {text}"]
+        case Paragraph(text):
+            return [text]
+        case Items(items):
+            lines = []
+            for item in items:
+                item = item if isinstance(item, Item) else Item(item)
+                lines += [f"- {item.text}", *(f"  - {sub}" for sub in item.sub)]
+            return lines
+        case Table(header, rows):
+            return _markdown_table(header, rows)
+        case Image(alt, src):
+            return [f"![{alt}]({src})"]
+        case Examples(examples):
+            return _markdown_table(
+                ["example", "id", "SI-SDRi", "spectrogram", "audio"],
+                [[label, f"`{ex['id']}`", fmt(ex["si_sdri"], "+.2f", " dB"),
+                  f"[png]({ex['spectrogram']})",
+                  " ".join(f"[{k}]({v})" for k, v in ex["audio"].items())]
+                 for label, ex in examples.items()])
+    raise TypeError(f"not a report block: {block!r}")
+
+
+def render_report(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict],
+                  columns: Sequence[str]) -> str:
+    """The Markdown report (``report_blocks``), blocks one blank line apart."""
+    blocks = report_blocks(info, summary, rows, columns)
+    return "\n\n".join("\n".join(_markdown(b)) for b in blocks) + "\n"

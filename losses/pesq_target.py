@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from pesq import PesqError, pesq
 from torch import Tensor
 
-from dsp.processes import ignore_stop_signals
+from dsp.processes import worker_init
 
 PESQ_SAMPLE_RATE = 16_000  # wide-band PESQ is defined at 16 kHz
 PESQ_MODE = "wb"
@@ -77,11 +78,12 @@ class PesqScorer:
             estimate, target: (B, N) -> a future of (B,) float32, NaN where undefined.
         """
         if self._pool is None:
-            # The workers ignore the stop signals: train.py stops gracefully, and Ctrl-C
-            # reaches the whole process group.
+            # The workers ignore the stop signals (train.py stops gracefully, and Ctrl-C
+            # reaches the whole process group) and end with it when it is killed.
             self._pool = ProcessPoolExecutor(self.workers,
                                              mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=ignore_stop_signals)
+                                             initializer=worker_init,
+                                             initargs=(os.getpid(),))
             self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="pesq")
         # On the CPU these are the tensors themselves: nothing writes to them afterwards.
         est = estimate.detach().float().to("cpu", non_blocking=True)

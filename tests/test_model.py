@@ -64,6 +64,26 @@ def test_band_layout_rejects_bad_regions() -> None:
         band_layout(sample_rate=48_000, n_fft=2048, band_regions=[[0, 8000, 4]], band_overlap=0.1)
 
 
+def test_band_layout_at_a_lower_rate_keeps_the_bands_below_nyquist() -> None:
+    # The recipe's 48 kHz regions at 24 kHz with the same bin width (23.4 Hz): the bands below
+    # 12 kHz keep their bins, those above are dropped, and the last one kept ends at Nyquist.
+    cfg = load_config(CONFIGS / "hifi_tse.yaml")
+    full = recipe_bands()
+    half = band_layout(sample_rate=24_000, n_fft=1024, band_regions=cfg.model.band_regions,
+                       band_overlap=cfg.model.band_overlap)
+    n_bins = 1024 // 2 + 1
+    assert half[-1][1] == n_bins
+    # the same bins below the cut (the two bands at it may differ in their overlap)
+    assert half[:-2] == full[: len(half) - 2]
+    assert len(half) < len(full)
+    assert all(start < n_bins for start, _ in half)
+    # At 48 kHz nothing changes; a layout that stops short of Nyquist is still refused.
+    assert recipe_bands() == full
+    with pytest.raises(ValueError, match="Nyquist"):
+        band_layout(sample_rate=24_000, n_fft=1024, band_regions=[[0, 8000, 4]],
+                    band_overlap=0.1)
+
+
 def test_unit_mask_returns_the_input() -> None:
     bands = recipe_bands()
     stft = STFT()

@@ -233,6 +233,7 @@ def test_five_kills_under_the_supervisor_end_bit_exact(tmp_path: Path, data: dic
     assert result["supervisor_exit"] == 0, result
     assert result["steps_missing"] == 0
     assert result["final_equal"], result
+    assert result["orphan_processes"] == 0  # no worker of a killed run lives on
 
 
 @pytest.mark.slow

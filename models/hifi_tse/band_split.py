@@ -30,7 +30,10 @@ def band_layout(
     Each region ``(f_low_hz, f_high_hz, n_bands)`` is cut into ``n_bands`` equal-width core
     bands; across every boundary both bands reach ``band_overlap`` of the narrower core width
     (at least one bin) into each other, so that the merged masks cross-fade instead of
-    switching at a bin edge. The regions must tile 0 Hz to Nyquist.
+    switching at a bin edge. The regions must tile 0 Hz to Nyquist or beyond: at a lower
+    sample rate than the layout was made for, the bands starting at or above Nyquist are
+    dropped and the last one kept ends at Nyquist, so the bands below keep their Hz edges (the
+    48 kHz recipe's layout at 16 kHz is its bands up to 8 kHz).
     """
     n_bins = n_fft // 2 + 1
     nyquist = sample_rate / 2
@@ -42,9 +45,11 @@ def band_layout(
             raise ValueError(f"band_regions must tile 0..{nyquist:g} Hz, got {band_regions}")
         expected_low = f_high
         width = (f_high - f_low) / int(n_bands)
-        edges.extend(round((f_low + i * width) / bin_hz) for i in range(int(n_bands)))
-    if not math.isclose(expected_low, nyquist):
-        raise ValueError(f"band_regions must end at Nyquist ({nyquist:g} Hz), got {band_regions}")
+        edges.extend(round((f_low + i * width) / bin_hz) for i in range(int(n_bands))
+                     if f_low + i * width < nyquist and not math.isclose(f_low + i * width,
+                                                                           nyquist))
+    if expected_low < nyquist and not math.isclose(expected_low, nyquist):
+        raise ValueError(f"band_regions must reach Nyquist ({nyquist:g} Hz), got {band_regions}")
     edges.append(n_bins)  # the Nyquist bin belongs to the last band
     widths = [end - start for start, end in itertools.pairwise(edges)]
     if min(widths) < 1:
