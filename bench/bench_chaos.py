@@ -269,7 +269,8 @@ def main() -> None:
     table = markdown_table(["", "measured"], rows)
     print(table)
     if not args.no_write:
-        write_section("chaos", f"{machine()}; seed {args.seed}; kill times (s): "
+        write_section("chaos", f"{machine()} (each training process: 1 thread, as the twin's; "
+                      f"the machine otherwise quiet); seed {args.seed}; kill times (s): "
                       f"{result['kill_times_s']}\n\n{table}\n")
     print_json({k: v for k, v in result.items() if k != "console_tail"})
 
