@@ -87,32 +87,37 @@ def child_env() -> dict[str, str]:
             "OMP_WAIT_POLICY": "PASSIVE", "PYTHON": sys.executable}
 
 
+def _proc(pid: int | str, name: str) -> bytes:
+    """``/proc/PID/NAME``, or nothing for a process that is gone."""
+    try:
+        return Path(f"/proc/{pid}/{name}").read_bytes()
+    except OSError:
+        return b""
+
+
+def has_env(pid: int | str, item: str) -> bool:
+    """Whether process ``pid``'s environment holds ``item`` (``KEY=VALUE``)."""
+    return item.encode() in _proc(pid, "environ").split(b"\0")
+
+
 def processes_marked(value: str) -> list[int]:
     """The live processes whose environment holds ``MARKER=value``: what is left of a run."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if f"{MARKER}={value}".encode() in (proc / "environ").read_bytes().split(b"\0"):
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and has_env(p.name, f"{MARKER}={value}")]
+
+
+def child_pid(parent: int, *, cmdline: str = "", env: str = "") -> int | None:
+    """The first child of ``parent`` whose command line contains ``cmdline`` and whose
+    environment holds ``env`` (``KEY=VALUE``), if any."""
+    for pid in _proc(f"{parent}/task/{parent}", "children").split():
+        if cmdline.encode() in _proc(int(pid), "cmdline") and (not env or has_env(int(pid), env)):
+            return int(pid)
+    return None
 
 
 def trainer_pid(supervisor: int) -> int | None:
     """The train.py process the supervisor runs now, if any."""
-    try:
-        children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-    except OSError:
-        return None
-    for pid in children:
-        try:
-            if b"train.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return int(pid)
-        except OSError:
-            continue
-    return None
+    return child_pid(supervisor, cmdline="train.py")
 
 
 def logged_steps(text: str) -> list[tuple[str, int]]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train
-from bench.bench_chaos import compare, run_chaos, trainer_pid
+from bench.bench_chaos import child_pid, compare, run_chaos, trainer_pid
 from tests.packed_data import packed_subset
 from tests.test_train import log_lines, write_config
 from training.stopping import EXIT_NO_RESTART
@@ -183,17 +183,7 @@ def torchrun(cfg: Path, *extra: str) -> list[str]:
 
 def rank_pid(launcher: int, rank: int) -> int | None:
     """The pid of torchrun's worker of ``rank`` (from its environment)."""
-    try:
-        children = Path(f"/proc/{launcher}/task/{launcher}/children").read_text().split()
-    except OSError:
-        return None
-    for pid in children:
-        try:
-            if f"RANK={rank}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
-                return int(pid)
-        except OSError:
-            continue
-    return None
+    return child_pid(launcher, env=f"RANK={rank}")
 
 
 @pytest.mark.slow
