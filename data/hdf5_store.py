@@ -12,7 +12,11 @@ Crash safety: the writer flushes after every entry and sets ``complete`` only af
 so a killed pack leaves at most one entry without it; the next run deletes such entries and
 packs whatever is missing. The file uses the default (oldest) HDF5 format on purpose: the
 newer superblock marks a file "open for write" and refuses to open it after a crash
-(``h5clear`` would be needed), which would defeat resuming.
+(``h5clear`` would be needed), which would defeat resuming. A flush writes the new metadata
+first and the superblock's end-of-allocation address last, so a kill inside a flush leaves
+metadata beyond the recorded end ("addr overflow" on open); the resuming writer then moves
+that address to the file's size, as ``h5clear --increment`` does, and reads on; a file that
+still cannot be read is one clear error (``PackError``) and is left as it was.
 """
 
 from __future__ import annotations
@@ -44,6 +48,10 @@ CHUNK_SAMPLES = SAMPLE_RATE  # 1 s chunks: a random 4 s crop touches 5 of them
 COMPLETE_ATTR = "complete"
 MAX_ABS_SAMPLE = 64.0  # a float sample beyond this is garbage, not audio (corrupt bytes)
 IN_FLIGHT_PER_WORKER = 4  # decoded files waiting for the writer; bounds the writer's memory
+
+
+class PackError(ValueError):
+    """An HDF5 file an interrupted pack left that cannot be resumed."""
 
 
 class CorruptEntryError(RuntimeError):
@@ -176,6 +184,63 @@ def _existing_entries(f: h5py.File) -> tuple[dict[str, int], list[str], int]:
     return complete, incomplete, unchecked
 
 
+# Superblock version 0 (the default format, module docstring): the 8-byte signature, 8 version
+# and size bytes, 2 + 2 B-tree K values, 4 flag bytes, then the base, free-space, end-of-
+# allocation and driver-info addresses (HDF5 file format specification, "Superblock version 0").
+_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+_BASE_ADDRESS_AT = 24
+_END_ADDRESS_AT = 40
+
+
+def _extend_end_of_file(h5_path: Path) -> bytes | None:
+    """Set a version-0 superblock's end-of-allocation address to the file's size, as
+    ``h5clear --increment`` does, and return the 8 bytes it replaced; None when the file is
+    not such a file or already ends there."""
+    with open(h5_path, "r+b") as fh:
+        head = fh.read(_END_ADDRESS_AT + 8)
+        if len(head) < _END_ADDRESS_AT + 8 or head[:8] != _SIGNATURE or head[8] != 0:
+            return None
+        base = int.from_bytes(head[_BASE_ADDRESS_AT:_BASE_ADDRESS_AT + 8], "little")
+        before = head[_END_ADDRESS_AT:]
+        size = os.fstat(fh.fileno()).st_size - base
+        if int.from_bytes(before, "little") >= size:
+            return None
+        fh.seek(_END_ADDRESS_AT)
+        fh.write(size.to_bytes(8, "little"))
+        fh.flush()
+        os.fsync(fh.fileno())
+    return before
+
+
+def _read_existing(h5_path: Path) -> tuple[dict[str, int], list[str], int]:
+    """``_existing_entries`` of the file an earlier run left at ``h5_path`` (empty when there is
+    none), repairing the end address a kill inside a flush leaves (module docstring).
+
+    The file is read in read-only mode: a writable handle on a broken file fails to close
+    and stays open inside HDF5 with the stale end address, so a retry would read that again.
+    """
+    if not h5_path.exists():
+        return {}, [], 0
+    before = None
+    while True:
+        try:
+            with h5py.File(h5_path, "r", locking=False) as f:
+                return _existing_entries(f)
+        except (OSError, RuntimeError) as err:
+            if before is None:
+                before = _extend_end_of_file(h5_path)
+                if before is not None:
+                    log.warning("%s: an interrupted flush left metadata beyond the file's "
+                                "recorded end; moved the end to the file's size", h5_path)
+                    continue
+            else:  # the repair did not help: leave the file as it was
+                with open(h5_path, "r+b") as fh:
+                    fh.seek(_END_ADDRESS_AT)
+                    fh.write(before)
+            raise PackError(f"{h5_path}: cannot resume the pack in this file ({err}); move it "
+                            "aside and pack again") from None
+
+
 def pack(
     entries: list[dict[str, Any]],
     h5_path: str | Path,
@@ -202,8 +267,8 @@ def pack(
         raise ValueError(f"{h5_path}: duplicate keys in the entries to pack: {dupes[:5]}")
     min_samples = max(1, round(min_seconds * SAMPLE_RATE))
     result = PackResult(skipped=[dict(p) for p in problems or []])
+    complete, incomplete, unchecked = _read_existing(h5_path)
     with _decoder(workers) as decode, h5py.File(h5_path, "a") as f:
-        complete, incomplete, unchecked = _existing_entries(f)
         for name in incomplete:
             del f[name]
         if incomplete:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from config import ConfigError, DataConfig, load_config
-from data.hdf5_store import pack
+from data.hdf5_store import PackError, pack
 from data.manifest import MANIFEST_NAMES, write_manifest
 from data.scan import ScanResult, assign_splits, scan_noise, scan_rir, scan_speech
 
@@ -103,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
-    summary = prepare(cfg.data, scan_only=args.scan_only, show_progress=not args.no_progress)
+    try:
+        summary = prepare(cfg.data, scan_only=args.scan_only, show_progress=not args.no_progress)
+    except PackError as err:
+        raise SystemExit(f"error: {err}") from None
     for kind, row in summary.items():
         print(f"{kind:7s} " + " ".join(f"{k}={v}" for k, v in row.items()))  # noqa: T201
     return 0
