@@ -23,7 +23,7 @@ from models.hifi_tse.generator import HiFiTSEArgs
 from models.hifi_tse.tf_gridnet import SEQUENCE_LAYERS
 from models.layers.ge2e import KINDS as SPEAKER_EMBEDDINGS
 
-SAMPLE_RATE = 48_000  # every signal inside HiFi-TSE is mono 48 kHz
+SAMPLE_RATE = 48_000  # the default rate (stft.sample_rate), which every existing run uses
 
 
 class ConfigError(ValueError):
@@ -37,10 +37,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class StftConfig:
+    # The one sample rate of a run: packing resamples to it, dynamic mixing, every family, the
+    # losses and evaluate.py work at it, checkpoints record it, inference.py resamples files
+    # to it and back. Standard TSE sets: 8000 or 16000.
     sample_rate: int = SAMPLE_RATE
     n_fft: int = 2048  # 1025 bins, 23.4 Hz each
     win_length: int = 960  # 20 ms Hann window
     hop_length: int = 480  # 10 ms
+    # Alternatives in milliseconds: non-zero, they set win_length / hop_length at sample_rate
+    # (rounded). Checkpoints store the samples.
+    win_length_ms: float = 0.0
+    hop_length_ms: float = 0.0
 
 
 @dataclass
@@ -329,9 +336,31 @@ RANGE_KEYS = (
 )
 
 
+def resolve_milliseconds(cfg: Config) -> None:
+    """Turn every non-zero ``<key>_ms`` of the stft and model sections into ``<key>`` samples at
+    ``stft.sample_rate`` (``models.registry.millisecond_keys``); raise naming the key when the
+    time is shorter than a sample."""
+    rate = cfg.stft.sample_rate
+    if rate < 1:
+        raise ConfigError(f"config key 'stft.sample_rate': expected a positive rate, got {rate}")
+    for section in ("stft", "model"):
+        values = getattr(cfg, section)
+        for ms_key, key in registry.millisecond_keys(values).items():
+            ms = getattr(values, ms_key)
+            if not ms:
+                continue
+            samples = round(ms * rate / 1000)
+            if samples < 1 or ms < 0:
+                raise ConfigError(f"config key '{section}.{ms_key}': {ms} ms is less than one "
+                                  f"sample at {rate} Hz")
+            setattr(values, key, samples)
+
+
 def check_ranges(cfg: Config) -> None:
-    """Raise naming the key unless every range is ``[low, high]`` with ``low <= high`` and
-    ``optim.betas`` is two numbers in [0, 1)."""
+    """Resolve the millisecond keys (``resolve_milliseconds``), then raise naming the key
+    unless every range is ``[low, high]`` with ``low <= high`` and ``optim.betas`` is two
+    numbers in [0, 1)."""
+    resolve_milliseconds(cfg)
     for name in RANGE_KEYS:
         section, key = name.split(".")
         value = getattr(getattr(cfg, section), key)

@@ -55,7 +55,7 @@ from config import (
     to_dict,
 )
 from data.manifest import ManifestError
-from dsp.audio import SAMPLE_RATE, AudioError
+from dsp.audio import AudioError
 from dsp.files import write_text_atomic
 from evaluation import html_report, report
 from evaluation.isolation import WorkerError
@@ -77,6 +77,7 @@ from evaluation.sources import (
 )
 from extraction.extractor import Extractor, InferenceError, resolve_device
 from extraction.onnx_runtime import OnnxBackendError, OnnxModel
+from losses.pesq_target import pesq_rate
 from models.registry import (
     ARCH_KEY,
     CheckpointError,
@@ -210,21 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _sources(args: argparse.Namespace,
-             cfg: Config) -> tuple[list[SampleSource], list[Skipped], str, str]:
-    """The samples, those skipped while listing them, a description, and a digest of the list:
+def _sources(args: argparse.Namespace, cfg: Config,
+             sample_rate: int) -> tuple[list[SampleSource], list[Skipped], str, str]:
+    """The samples (loaded at ``sample_rate``), those skipped while listing them, a
+    description, and a digest of the list:
     every candidate ID and the folder (resolved), the CSV's content or, for the validation set,
     the data config that makes the items."""
     skipped: list[Skipped] = []
     listed = ""
     if args.triplets is not None:
         sources, skipped = triplet_samples(args.triplets, missing_target=args.missing_target,
-                                           strict=args.strict)
+                                           strict=args.strict, sample_rate=sample_rate)
         desc = f"triplets in `{args.triplets}`"
         listed = str(args.triplets.resolve())
     elif args.csv is not None:
         sources, skipped = csv_samples(args.csv, missing_target=args.missing_target,
-                                       strict=args.strict)
+                                       strict=args.strict, sample_rate=sample_rate)
         desc = f"CSV `{args.csv}`"
         listed = _sha256(args.csv)
     else:
@@ -317,7 +319,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - run.jobs))
     extractor = Extractor(model, device=device, pcs=args.pcs)
-    sources, skipped, source_desc, digest = _sources(args, cfg)
+    rate = loaded.model.sample_rate  # the checkpoint's: every file is resampled to it
+    sources, skipped, source_desc, digest = _sources(args, cfg, rate)
     for item in skipped:
         _report_skip(item)
     groups = tuple(g for g in EVAL_METRIC_GROUPS if g in (args.metrics or cfg.eval.metrics))
@@ -325,7 +328,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # An all-empty WER column would look like a result: no transcripts, no WER.
         log.info("no transcripts (--transcripts, ID.txt or a transcript column): no WER")
         groups = tuple(g for g in groups if g != "wer")
-    metrics = MetricSettings(groups=groups, pesq_sr=cfg.eval.pesq_sr,
+    metrics = MetricSettings(groups=groups, pesq_sr=pesq_rate(rate, cfg.eval.pesq_sr),
+                             sample_rate=rate,
                              sdr=args.sdr or cfg.eval.sdr, zero_mean=args.si_sdr == "zero-mean",
                              stream=args.chunk is not None or args.stream)
     out_dir: Path = args.out_dir
@@ -377,7 +381,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         return sample, extract_all(extractor, sample, whole_file)[""]
 
     examples = report.write_examples(out_dir, report.pick_examples(rows), rows, estimate_of)
-    pesq_mode = PESQ_MODES[cfg.eval.pesq_sr]
+    pesq_mode = PESQ_MODES[metrics.pesq_sr]
     info = {
         "checkpoint": str(args.ckpt),
         "arch": loaded.arch,
@@ -390,11 +394,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         **{f"n_{c.lower()}": sum(r["condition"] == c for r in rows) for c in report.CONDITIONS},
         "generator_params": sum(p.numel() for p in loaded.model.parameters()),
         "settings": {
-            "sample_rate": SAMPLE_RATE,
+            "sample_rate": rate,
             "metrics": ", ".join(groups),
             "pesq": f"{'wide' if pesq_mode == 'wb' else 'narrow'}-band at "
-                    f"{cfg.eval.pesq_sr / 1000:g} kHz (soxr resampling)",
-            "stoi": "pystoi at 48 kHz (resampled to 10 kHz inside pystoi)",
+                    f"{metrics.pesq_sr / 1000:g} kHz (soxr resampling)",
+            "stoi": f"pystoi at {rate / 1000:g} kHz (resampled to 10 kHz inside pystoi)",
+            "not_applicable": metrics.not_applicable() or None,
             "si_sdr": "zero-mean, float64" if metrics.zero_mean
                       else "no mean removal (torchmetrics' default), float64",
             "sdr": metrics.sdr,
@@ -405,7 +410,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "stream": "hop by hop through the causal model (extraction/streaming.py)"
                       if run.stream else None,
             "backend": _backend(args),
-            "pcs": "PCS400 at 48 kHz on every estimate (models/pcs.py)" if args.pcs else None,
+            "pcs": f"PCS400 at {rate / 1000:g} kHz on every estimate (extraction/pcs.py)"
+                   if args.pcs else None,
             "missing_target": args.missing_target,
             "metric_timeout": f"{args.metric_timeout:g} s per started minute of a sample",
             "long_inputs": {u: LONG_INPUT_RULES[u] for u in units_of(metrics)},

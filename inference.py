@@ -7,8 +7,10 @@
     python inference.py --ckpt CKPT --list jobs.csv          # columns mix,ref,out
 
 Inputs may have any sample rate, bit depth and channel count: channels are averaged and the
-signal is resampled with soxr to the model's rate (48 kHz). The output is mono float WAV (or the
-format its suffix names) at 48 kHz, or at the mixture's own rate with ``--keep-sr``, and always
+signal is resampled with soxr to the model's rate (its checkpoint's ``sample_rate``, 48 kHz unless
+it was trained at another; the first file at each other rate is announced in one line). The
+output is mono float WAV (or the format its suffix names) at the model's rate, or at the
+mixture's own rate with ``--keep-sr``, and always
 has the mixture's duration: ``round(n_in * sr_out / sr_in)`` samples. Every output is written to
 a temporary file in its folder and renamed when complete, so a failure never leaves a partial
 file behind.
@@ -242,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             _error(f"{args.onnx_dir}: no streaming step exported (export_onnx.py --stream)")
             return 1
     if model.sample_rate != SAMPLE_RATE:
-        log.warning("%s: the model runs at %d Hz", args.ckpt, model.sample_rate)
+        log.info("%s: the model runs at %d Hz", args.ckpt, model.sample_rate)
     extractor = Extractor(
         model,
         device=device,

@@ -321,7 +321,8 @@ def train(args: argparse.Namespace, stop: StopRequest) -> None:
         # time step's barrier, and a step then takes 10-40x longer (measured on 2 cores).
         cores = max(1, (os.cpu_count() or 1) // world)
         torch.set_num_threads(max(1, cores - cfg.data.num_workers))
-    train_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "train", rank=rank))
+    train_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "train", rank=rank,
+                                                  sample_rate=cfg.stft.sample_rate))
     if getattr(cfg.model, "n_speakers", None) == 0 and cfg.loss.speaker_ce:
         # A classification head over the training speakers (the batch's speaker_class): its
         # size comes from the data, and the resolved config and model_args record it.
@@ -418,7 +419,8 @@ def train(args: argparse.Namespace, stop: StopRequest) -> None:
         train_set, sampler=StepSampler(start_step=state.step, batch_size=batch_size, cfg=cfg),
         generator=torch.Generator().manual_seed(cfg.train.seed + rank), **loader_args,
     )
-    val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val"))
+    val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val",
+                                              sample_rate=cfg.stft.sample_rate))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world),
                             generator=torch.Generator().manual_seed(cfg.train.seed + rank),
                             **loader_args)

@@ -83,8 +83,8 @@ def rung_overrides(rung: int, cfg: Config) -> list[str]:
     """The ``--set`` items of a rung; rung 1 names the first two training speakers."""
     sets = list(RUNGS[rung][1])
     if rung == 1:
-        names = sorted(set(HiFiTSEDataset(**dataset_kwargs(cfg.data, "train")).speech
-                           .speaker_names))
+        kwargs = dataset_kwargs(cfg.data, "train", sample_rate=cfg.stft.sample_rate)
+        names = sorted(set(HiFiTSEDataset(**kwargs).speech.speaker_names))
         sets.append(f"data.speaker_pair=[{names[0]}, {names[1]}]")
     return sets
 
@@ -92,8 +92,8 @@ def rung_overrides(rung: int, cfg: Config) -> list[str]:
 def oracle_ceilings(cfg: Config, n: int) -> dict[str, float]:
     """Mean SI-SDRi of the ideal ratio mask and of the clipped phase-sensitive mask over the
     target-present validation items, with the model's STFT."""
-    dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val"), "length": n,
-                                "return_components": True})
+    dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val", sample_rate=cfg.stft.sample_rate),
+                                "length": n, "return_components": True})
     stft = STFT(n_fft=cfg.stft.n_fft, win_length=cfg.stft.win_length,
                 hop_length=cfg.stft.hop_length)
     gains: dict[str, list[float]] = {"irm": [], "psm": []}

@@ -116,7 +116,8 @@ def main() -> None:
 
     device = torch.device(args.device)
     cfg = load_config(args.config)
-    dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val"), "length": args.n_samples})
+    dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val", sample_rate=cfg.stft.sample_rate),
+                                "length": args.n_samples})
     model = load_model(args.ckpt).to(device).eval()
     pitch = pitch_table(args.config, args.corpus_json)
     results: dict[str, Any] = swap_test(model, dataset, args.n_pairs, pitch, device=device,

@@ -70,7 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cpu")
     cfg = load_config(args.config)
-    dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val"), "length": 1})
+    dataset = HiFiTSEDataset(**{**dataset_kwargs(cfg.data, "val", sample_rate=cfg.stft.sample_rate),
+                                "length": 1})
     pitch = pitch_table(args.config, None)
     ckpts = sorted((int(m[1]), p) for p in args.run.glob("step_*.pt") if (m := STEP.search(p.name)))
     if not ckpts:

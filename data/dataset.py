@@ -136,10 +136,10 @@ def _convolved(spec: np.ndarray, response: np.ndarray, rir: _Rir, n: int) -> np.
     return sfft.irfft(spec * response, rir.n_fft)[rir.length - 1 : rir.length - 1 + n]
 
 
-def active_rms(x: np.ndarray) -> float:
+def active_rms(x: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
     """RMS over the active 10 ms frames of ``x`` (within ``ACTIVE_RANGE_DB`` of the loudest);
     0 for silence. Shape: x (N,)."""
-    frame = round(ACTIVE_FRAME_SECONDS * SAMPLE_RATE)
+    frame = round(ACTIVE_FRAME_SECONDS * sample_rate)
     n = len(x) // frame * frame
     if n == 0:
         return _rms(x)
@@ -203,6 +203,7 @@ class HiFiTSEDataset(Dataset):
         speaker_pair: tuple[str, str] | list[str] = (),
         virtual_speakers: tuple[float, ...] | list[float] = (),
         return_components: bool = False,
+        sample_rate: int = SAMPLE_RATE,
     ) -> None:
         super().__init__()
         if split not in ("train", "val"):
@@ -229,16 +230,17 @@ class HiFiTSEDataset(Dataset):
         self.length = int(length)
         self.seed = int(seed)
         self.rank = int(rank)
-        self.segment_samples = round(segment_seconds * SAMPLE_RATE)
-        self.ref_samples = round(ref_seconds * SAMPLE_RATE)
+        self.sample_rate = int(sample_rate)  # of the packed audio: its manifests must agree
+        self.segment_samples = round(segment_seconds * sample_rate)
+        self.ref_samples = round(ref_seconds * sample_rate)
         self.level_db = list(level_db)
         self.sir_db = list(sir_db)
         self.snr_db = list(snr_db)
         self.ref_level_db = list(ref_level_db)
         self.ref_snr_db = list(ref_snr_db)
         self.target_type = target_type
-        self.early_samples = max(1, round(early_reverb_ms * SAMPLE_RATE / 1000))
-        self.max_rir_samples = max(1, round(max_rir_seconds * SAMPLE_RATE))
+        self.early_samples = max(1, round(early_reverb_ms * sample_rate / 1000))
+        self.max_rir_samples = max(1, round(max_rir_seconds * sample_rate))
         self.rir_cache_size = int(rir_cache_size)
         self.speed_perturb = list(speed_perturb)
         self.peak_limit = float(peak_limit)
@@ -250,7 +252,8 @@ class HiFiTSEDataset(Dataset):
         manifest_dir = Path(manifest_dir)
         # A fixed pair is speaker-dependent separation: its validation items are other crops
         # and mixtures (the validation RNG stream) of the same two training speakers.
-        self.speech = load_packed(manifest_dir, "speech", "train" if speaker_pair else split)
+        self.speech = load_packed(manifest_dir, "speech", "train" if speaker_pair else split,
+                                  sample_rate)
         self.noise = self._table_or_train(manifest_dir, "noise")
         self.rirs = self._table_or_train(manifest_dir, "rir")
         self._check_not_empty(manifest_dir)
@@ -308,10 +311,10 @@ class HiFiTSEDataset(Dataset):
         self._shared.share_memory_()
 
     def _table_or_train(self, manifest_dir: Path, kind: str) -> PackedTable:
-        table = load_packed(manifest_dir, kind, self.split)
+        table = load_packed(manifest_dir, kind, self.split, self.sample_rate)
         if len(table) == 0 and self.split == "val":
             log.warning("no validation %s entries; the validation set uses the training ones", kind)
-            table = load_packed(manifest_dir, kind, "train")
+            table = load_packed(manifest_dir, kind, "train", self.sample_rate)
         return table
 
     def _check_not_empty(self, manifest_dir: Path) -> None:
@@ -569,7 +572,7 @@ class HiFiTSEDataset(Dataset):
                         voice = _convolved(sfft.rfft(window, rir.n_fft), rir.spectrum, rir, n)
                     else:
                         voice = self._speech_window(utt, 1.0, rng, pre=0, n=n)
-                    level = active_rms(voice)
+                    level = active_rms(voice, self.sample_rate)
                     if level < MIN_ACTIVE_RMS:
                         raise _Redraw
                     sources.append((voice * (10 ** (SWAP_LEVEL_DBFS / 20) / level))
@@ -667,7 +670,8 @@ class HiFiTSEDataset(Dataset):
         if in_hi <= in_lo:
             return out
         chunk = self._reader.read(file_index, key, in_lo, in_hi)
-        played = soxr.resample(chunk, SAMPLE_RATE * speed, SAMPLE_RATE)  # len ≈ len / speed
+        rate = self.sample_rate
+        played = soxr.resample(chunk, rate * speed, rate)  # len ≈ len / speed
         offset = round(in_lo / speed) - lo  # where played[0] falls in the window
         a, b = max(0, offset), min(len(out), offset + len(played))
         if b > a:
@@ -725,24 +729,24 @@ class HiFiTSEDataset(Dataset):
         """
         file_index = self._rir_file0 + int(self.rirs.file_index[idx])
         total = int(self.rirs.num_samples[idx])
-        n = min(total, round(RIR_PEAK_SEARCH_SECONDS * SAMPLE_RATE) + self.max_rir_samples)
+        n = min(total, round(RIR_PEAK_SEARCH_SECONDS * self.sample_rate) + self.max_rir_samples)
         return self._reader.read(file_index, self.rirs.keys[idx], 0, n), total > n
 
     def _prepare_rir(self, h: np.ndarray, longer: bool, name: str) -> _Rir:
         """Trim, scale and cut an RIR (see the module doc) and compute its spectra."""
-        search = round(RIR_PEAK_SEARCH_SECONDS * SAMPLE_RATE)
+        search = round(RIR_PEAK_SEARCH_SECONDS * self.sample_rate)
         peak = int(np.argmax(np.abs(h[:search])))
         if h[peak] == 0:
             raise CorruptEntryError(f"RIR '{name}': silent for its first {search} samples")
         # A measured direct path is a short pulse, not one tap: keep its onset and measure its
         # energy over +-2.5 ms.
-        half = round(DIRECT_PATH_HALF_MS * SAMPLE_RATE / 1000)
+        half = round(DIRECT_PATH_HALF_MS * self.sample_rate / 1000)
         delay = min(peak, half)
         cut = longer or peak - delay + self.max_rir_samples < len(h)
         h = h[peak - delay : peak - delay + self.max_rir_samples]
         h = h * np.float32(np.sign(h[delay]) / math.sqrt(_energy(h[: delay + half + 1])))
         if cut:
-            fade = min(len(h), round(RIR_FADE_SECONDS * SAMPLE_RATE))
+            fade = min(len(h), round(RIR_FADE_SECONDS * self.sample_rate))
             h[len(h) - fade :] *= np.hanning(2 * fade)[fade:].astype(np.float32)
         h = np.ascontiguousarray(h, dtype=np.float32)
         n_fft = sfft.next_fast_len(self.segment_samples + len(h) - 1, real=True)
@@ -764,8 +768,10 @@ class HiFiTSEDataset(Dataset):
 # ---------------------------------------------------------------------------------------------
 
 
-def dataset_kwargs(d: DataConfig, split: str, *, rank: int = 0) -> dict[str, Any]:
-    """Constructor arguments of ``HiFiTSEDataset`` for ``split`` from the data section.
+def dataset_kwargs(d: DataConfig, split: str, *, rank: int = 0,
+                   sample_rate: int = SAMPLE_RATE) -> dict[str, Any]:
+    """Constructor arguments of ``HiFiTSEDataset`` for ``split`` from the data section, at the
+    run's ``sample_rate`` (``stft.sample_rate``).
 
     Training starts as phase 1 (no TA, clean references); the training loop raises
     ``ta_prob`` and ``noisy_ref_prob`` later. Validation is fixed: ``n_val_samples`` samples
@@ -799,6 +805,7 @@ def dataset_kwargs(d: DataConfig, split: str, *, rank: int = 0) -> dict[str, Any
         "noise_prob": d.noise_prob,
         "speaker_pair": d.speaker_pair,
         "virtual_speakers": d.virtual_speakers,
+        "sample_rate": sample_rate,
     }
 
 

@@ -1,12 +1,14 @@
 """One HDF5 file per kind of audio (speech, noise, RIR): parallel resumable packing, lazy reading.
 
-Layout: one float32 mono 48 kHz dataset per file (or per RIR channel) under its manifest key,
-chunked in 1 s pieces so that a 4 s crop reads about five chunks and never the whole
-utterance. Every chunk carries an HDF5 Fletcher-32 checksum (4 bytes; ``dataset.fletcher32`` is
-True), so bytes changed on disk after packing fail the read instead of feeding wrong audio that
-stays in range. Packs written before the checksums read as they did, unchecked; repacking
-(delete the file) adds them, and a resumed pack adds them to its new entries only. Attributes:
-``source``, ``speaker`` (speech), ``path``, ``num_samples`` and, written last, ``complete``.
+Layout: one float32 mono dataset per file (or per RIR channel) under its manifest key, at the
+run's sample rate (48 kHz by default; the root attribute ``sample_rate``, absent in packs
+written before other rates existed, which are 48 kHz), chunked in 1 s pieces so that a 4 s crop
+reads about five chunks and never the whole utterance. Every chunk carries an HDF5 Fletcher-32
+checksum (4 bytes; ``dataset.fletcher32`` is True), so bytes changed on disk after packing fail
+the read instead of feeding wrong audio that stays in range. Packs written before the checksums
+read as they did, unchecked; repacking (delete the file) adds them, and a resumed pack adds them
+to its new entries only. Attributes: ``source``, ``speaker`` (speech), ``path``, ``num_samples``
+and, written last, ``complete``.
 
 Crash safety: the writer flushes after every entry and sets ``complete`` only after the data,
 so a killed pack leaves at most one entry without it; the next run deletes such entries and
@@ -44,7 +46,8 @@ from dsp.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
-CHUNK_SAMPLES = SAMPLE_RATE  # 1 s chunks: a random 4 s crop touches 5 of them
+CHUNK_SECONDS = 1  # 1 s chunks: a random 4 s crop touches 5 of them
+RATE_ATTR = "sample_rate"  # root attribute; a pack without it is 48 kHz
 COMPLETE_ATTR = "complete"
 MAX_ABS_SAMPLE = 64.0  # a float sample beyond this is garbage, not audio (corrupt bytes)
 IN_FLIGHT_PER_WORKER = 4  # decoded files waiting for the writer; bounds the writer's memory
@@ -64,8 +67,8 @@ class CorruptEntryError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def decode_entry(entry: dict[str, Any]) -> np.ndarray:
-    """The audio of a manifest entry as mono float32 at 48 kHz: ``load_audio`` (downmix +
+def decode_entry(entry: dict[str, Any], sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The audio of a manifest entry as mono float32 at ``sample_rate``: ``load_audio`` (downmix +
     soxr) for whole files, or one channel of a multi-channel file when ``entry['channel']`` is
     set. Raises ``AudioError`` naming the file.
 
@@ -74,7 +77,7 @@ def decode_entry(entry: dict[str, Any]) -> np.ndarray:
     """
     channel = entry.get("channel")
     if channel is None:
-        return load_audio(entry["path"], SAMPLE_RATE)
+        return load_audio(entry["path"], sample_rate)
     path = entry["path"]
     try:
         data, sr = sf.read(path, dtype="float32", always_2d=True)  # (N, C)
@@ -87,25 +90,25 @@ def decode_entry(entry: dict[str, Any]) -> np.ndarray:
     wave = np.ascontiguousarray(data[:, channel])
     if not np.isfinite(wave).all():
         raise AudioError(f"{path}: non-finite samples (NaN or Inf)")
-    if sr != SAMPLE_RATE:
-        wave = soxr.resample(wave, sr, SAMPLE_RATE).astype(np.float32, copy=False)
+    if sr != sample_rate:
+        wave = soxr.resample(wave, sr, sample_rate).astype(np.float32, copy=False)
     return wave
 
 
-def _decode_task(task: tuple[dict[str, Any], int]) -> tuple[np.ndarray | None, str | None]:
-    """(wave, None) or (None, reason) for one entry; never raises, so one bad file cannot stop
-    the pack."""
-    entry, min_samples = task
+def _decode_task(task: tuple[dict[str, Any], int, int]) -> tuple[np.ndarray | None, str | None]:
+    """(wave, None) or (None, reason) for one (entry, min_samples, sample_rate); never raises,
+    so one bad file cannot stop the pack."""
+    entry, min_samples, sample_rate = task
     try:
-        wave = decode_entry(entry)
+        wave = decode_entry(entry, sample_rate)
     except AudioError as err:
         return None, str(err)
     except Exception as err:  # a decoder crash on one file is reported like a bad file
         return None, f"{entry['path']}: cannot decode ({type(err).__name__}: {err})"
     if len(wave) < min_samples:
         return None, (
-            f"{entry['path']}: too short ({len(wave) / SAMPLE_RATE:.3f} s < "
-            f"{min_samples / SAMPLE_RATE:.3f} s)"
+            f"{entry['path']}: too short ({len(wave) / sample_rate:.3f} s < "
+            f"{min_samples / sample_rate:.3f} s)"
         )
     if not np.any(wave):
         return None, f"{entry['path']}: silent (all samples are zero)"
@@ -120,9 +123,10 @@ def _decoder(workers: int) -> Iterator[Callable[..., Iterator[tuple]]]:
     workers would otherwise inherit the file's handle and lock."""
     if workers <= 0:
 
-        def decode_here(entries: list[dict[str, Any]], min_samples: int) -> Iterator[tuple]:
+        def decode_here(entries: list[dict[str, Any]], min_samples: int,
+                        sample_rate: int) -> Iterator[tuple]:
             for e in entries:
-                yield (e, *_decode_task((e, min_samples)))
+                yield (e, *_decode_task((e, min_samples, sample_rate)))
 
         yield decode_here
         return
@@ -130,10 +134,12 @@ def _decoder(workers: int) -> Iterator[Callable[..., Iterator[tuple]]]:
     method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
     with mp.get_context(method).Pool(workers, initializer=die_with_parent) as pool:
 
-        def decode(entries: list[dict[str, Any]], min_samples: int) -> Iterator[tuple]:
+        def decode(entries: list[dict[str, Any]], min_samples: int,
+                   sample_rate: int) -> Iterator[tuple]:
             pending: deque = deque()
             for e in entries:
-                pending.append((e, pool.apply_async(_decode_task, ((e, min_samples),))))
+                task = (e, min_samples, sample_rate)
+                pending.append((e, pool.apply_async(_decode_task, (task,))))
                 if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
                     done, result = pending.popleft()
                     yield (done, *result.get())
@@ -212,20 +218,21 @@ def _extend_end_of_file(h5_path: Path) -> bytes | None:
     return before
 
 
-def _read_existing(h5_path: Path) -> tuple[dict[str, int], list[str], int]:
+def _read_existing(h5_path: Path) -> tuple[dict[str, int], list[str], int, int]:
     """``_existing_entries`` of the file an earlier run left at ``h5_path`` (empty when there is
-    none), repairing the end address a kill inside a flush leaves (module docstring).
+    none) and its sample rate, repairing the end address a kill inside a flush leaves (module
+    docstring).
 
     The file is read in read-only mode: a writable handle on a broken file fails to close
     and stays open inside HDF5 with the stale end address, so a retry would read that again.
     """
     if not h5_path.exists():
-        return {}, [], 0
+        return {}, [], 0, SAMPLE_RATE
     before = None
     while True:
         try:
             with h5py.File(h5_path, "r", locking=False) as f:
-                return _existing_entries(f)
+                return (*_existing_entries(f), int(f.attrs.get(RATE_ATTR, SAMPLE_RATE)))
         except (OSError, RuntimeError) as err:
             if before is None:
                 before = _extend_end_of_file(h5_path)
@@ -250,8 +257,10 @@ def pack(
     report_path: str | Path | None = None,
     problems: list[dict[str, str]] | None = None,
     show_progress: bool = True,
+    sample_rate: int = SAMPLE_RATE,
 ) -> PackResult:
-    """Pack ``entries`` (manifest dicts with ``key`` and ``path``) into ``h5_path``, resuming.
+    """Pack ``entries`` (manifest dicts with ``key`` and ``path``) into ``h5_path`` at
+    ``sample_rate``, resuming; a file packed at another rate is an error.
 
     Entries already complete in the file are kept, incomplete ones are rewritten, unusable
     files are skipped and listed (with ``problems`` found earlier, e.g. by the scan) in the JSON
@@ -265,10 +274,14 @@ def pack(
     dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
     if dupes:
         raise ValueError(f"{h5_path}: duplicate keys in the entries to pack: {dupes[:5]}")
-    min_samples = max(1, round(min_seconds * SAMPLE_RATE))
+    min_samples = max(1, round(min_seconds * sample_rate))
     result = PackResult(skipped=[dict(p) for p in problems or []])
-    complete, incomplete, unchecked = _read_existing(h5_path)
+    complete, incomplete, unchecked, rate = _read_existing(h5_path)
+    if complete and rate != sample_rate:
+        raise PackError(f"{h5_path}: packed at {rate} Hz, this pack is at {sample_rate} Hz "
+                        "(stft.sample_rate); pack into another hdf5_dir")
     with _decoder(workers) as decode, h5py.File(h5_path, "a") as f:
+        f.attrs[RATE_ATTR] = sample_rate
         for name in incomplete:
             del f[name]
         if incomplete:
@@ -286,7 +299,8 @@ def pack(
             log.info("%s: %d entries were packed without checksums; delete the file and pack "
                      "again to add them", h5_path, unchecked)
         bar = tqdm(total=len(todo), desc=h5_path.name, unit="file", disable=not show_progress)
-        for entry, wave, error in decode(todo, min_samples):
+        chunk = round(CHUNK_SECONDS * sample_rate)
+        for entry, wave, error in decode(todo, min_samples, sample_rate):
             bar.update()
             if wave is None:
                 result.skipped.append({"key": entry["key"], "path": entry["path"], "error": error})
@@ -297,7 +311,7 @@ def pack(
                 entry["key"],
                 data=wave,
                 dtype=np.float32,
-                chunks=(min(n, CHUNK_SAMPLES),),
+                chunks=(min(n, chunk),),
                 fletcher32=True,  # per chunk: a read of changed bytes fails (module docstring)
             )
             for name in ("source", "speaker", "path"):
@@ -317,6 +331,7 @@ def pack(
         report_path,
         {
             "hdf5": str(h5_path),
+            "sample_rate": sample_rate,
             "n_entries": len(entries),
             "n_packed": len(result.num_samples),
             "n_new": result.n_new,

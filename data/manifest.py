@@ -30,20 +30,22 @@ class ManifestError(ValueError):
     """A manifest that is missing, unreadable or does not describe packed audio (names it)."""
 
 
-def write_manifest(path: str | Path, kind: str, entries: list[dict[str, Any]]) -> None:
+def write_manifest(path: str | Path, kind: str, entries: list[dict[str, Any]],
+                   sample_rate: int = SAMPLE_RATE) -> None:
     write_json_atomic(
         path,
         {
             "version": MANIFEST_VERSION,
             "kind": kind,
-            "sample_rate": SAMPLE_RATE,
+            "sample_rate": sample_rate,
             "entries": entries,
         },
     )
 
 
-def read_manifest(path: str | Path) -> list[dict[str, Any]]:
-    """The entries of a manifest file."""
+def read_manifest(path: str | Path, sample_rate: int | None = None) -> list[dict[str, Any]]:
+    """The entries of a manifest file; with ``sample_rate``, one whose audio was packed at
+    another rate (manifests before other rates existed are 48 kHz) is an error."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -51,6 +53,11 @@ def read_manifest(path: str | Path) -> list[dict[str, Any]]:
         raise ManifestError(f"{path}: cannot read manifest ({err})") from None
     if not isinstance(data, dict) or data.get("version") != MANIFEST_VERSION:
         raise ManifestError(f"{path}: not a version-{MANIFEST_VERSION} HiFi-TSE manifest")
+    rate = data.get("sample_rate", SAMPLE_RATE)
+    if sample_rate is not None and rate != sample_rate:
+        raise ManifestError(f"{path}: audio packed at {rate} Hz, the run is at {sample_rate} Hz "
+                            "(stft.sample_rate); pack the data at that rate (python -m "
+                            "data.prepare_manifest with the run's config)")
     return data["entries"]
 
 
@@ -64,7 +71,7 @@ class PackedTable:
     keys: np.ndarray  # (E,) bytes: HDF5 keys
     file_index: np.ndarray  # (E,) int16
     files: list[str]
-    num_samples: np.ndarray  # (E,) int64, at 48 kHz
+    num_samples: np.ndarray  # (E,) int64, at the manifest's sample rate
     speakers: np.ndarray  # (E,) int32 index into speaker_names, -1 without speaker
     speaker_names: list[str]
 
@@ -75,11 +82,12 @@ class PackedTable:
         return self.keys[i].decode()
 
 
-def load_packed(manifest_dir: str | Path, kind: str, split: str | None) -> PackedTable:
-    """Read ``<manifest_dir>/<kind manifest>`` and keep the packed entries of ``split`` (all
-    splits when ``None``)."""
+def load_packed(manifest_dir: str | Path, kind: str, split: str | None,
+                sample_rate: int = SAMPLE_RATE) -> PackedTable:
+    """Read ``<manifest_dir>/<kind manifest>`` (packed at ``sample_rate``) and keep the packed
+    entries of ``split`` (all splits when ``None``)."""
     path = Path(manifest_dir) / MANIFEST_NAMES[kind]
-    entries = read_manifest(path)
+    entries = read_manifest(path, sample_rate)
     if split is not None:
         entries = [e for e in entries if e["split"] == split]
     missing = [e["key"] for e in entries if not e.get("hdf5")]

@@ -3,10 +3,11 @@
     python -m data.prepare_manifest --config configs/hifi_tse.yaml [--set data.pack_workers=8]
 
 For each kind (speech, noise, RIR): scan the headers of the configured folders (data/scan.py),
-choose the validation split, pack the audio into ``<hdf5_dir>/<kind>.h5`` (data/hdf5_store.py;
-interrupted runs resume) and write ``<manifest_dir>/{speaker,noise,rir}_manifest.json``, whose
-entries name the HDF5 file and key of each packed file. Files that cannot be used are listed
-in ``<hdf5_dir>/<kind>_report.json``. ``--scan-only`` writes the manifests without packing.
+choose the validation split, pack the audio at ``stft.sample_rate`` into
+``<hdf5_dir>/<kind>.h5`` (data/hdf5_store.py; interrupted runs resume) and write
+``<manifest_dir>/{speaker,noise,rir}_manifest.json``, whose entries name the HDF5 file and key
+of each packed file. Files that cannot be used are listed in ``<hdf5_dir>/<kind>_report.json``.
+``--scan-only`` writes the manifests without packing.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config import ConfigError, DataConfig, load_config
+from config import SAMPLE_RATE, ConfigError, DataConfig, load_config
 from data.hdf5_store import PackError, pack
 from data.manifest import MANIFEST_NAMES, write_manifest
 from data.scan import ScanResult, assign_splits, scan_noise, scan_rir, scan_speech
@@ -35,8 +36,10 @@ def _plan(d: DataConfig) -> list[tuple[str, Callable[[Any], ScanResult], list[An
     ]
 
 
-def prepare(d: DataConfig, *, scan_only: bool = False, show_progress: bool = True) -> dict:
-    """Scan, split, pack and write the manifests; returns a summary per kind."""
+def prepare(d: DataConfig, *, scan_only: bool = False, show_progress: bool = True,
+            sample_rate: int = SAMPLE_RATE) -> dict:
+    """Scan, split, pack at ``sample_rate`` (the config's ``stft.sample_rate``) and write the
+    manifests; returns a summary per kind."""
     manifest_dir = Path(d.manifest_dir)
     hdf5_dir = Path(d.hdf5_dir)
     summary: dict[str, dict[str, Any]] = {}
@@ -54,7 +57,8 @@ def prepare(d: DataConfig, *, scan_only: bool = False, show_progress: bool = Tru
             "val": sum(e["split"] == "val" for e in entries),
         }
         if scan_only:
-            write_manifest(manifest_path, kind, [{**e, "hdf5": None} for e in entries])
+            write_manifest(manifest_path, kind, [{**e, "hdf5": None} for e in entries],
+                           sample_rate)
             summary[kind] = row
             continue
         h5_path = hdf5_dir / f"{kind}.h5"
@@ -65,6 +69,7 @@ def prepare(d: DataConfig, *, scan_only: bool = False, show_progress: bool = Tru
             workers=d.pack_workers,
             problems=scanned.problems,
             show_progress=show_progress,
+            sample_rate=sample_rate,
         )
         rel_h5 = os.path.relpath(h5_path.resolve(), manifest_dir.resolve())
         packed = [
@@ -72,7 +77,7 @@ def prepare(d: DataConfig, *, scan_only: bool = False, show_progress: bool = Tru
             for e in entries
             if e["key"] in result.num_samples
         ]
-        write_manifest(manifest_path, kind, packed)
+        write_manifest(manifest_path, kind, packed, sample_rate)
         row.update(
             packed=len(packed),
             new=result.n_new,
@@ -104,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     try:
-        summary = prepare(cfg.data, scan_only=args.scan_only, show_progress=not args.no_progress)
+        summary = prepare(cfg.data, scan_only=args.scan_only, show_progress=not args.no_progress,
+                          sample_rate=cfg.stft.sample_rate)
     except PackError as err:
         raise SystemExit(f"error: {err}") from None
     for kind, row in summary.items():

@@ -51,6 +51,23 @@ LSD_ACTIVE_DB = 60.0
 # Power floor before the log, relative to the target's loudest band bin: differences below it
 # (an estimate that is exactly zero in a bin) count as at most this many dB.
 LSD_FLOOR_DB = 120.0
+# Metrics a sample rate cannot give: unit -> (its group, the lowest rate it needs, why). Below
+# that rate the unit does not run and its columns are left out, and the report says why (8 kHz
+# standard sets: no 8-24 kHz band, and the 16 kHz models would score an upsampled narrow band).
+MIN_RATE_OF_UNIT = {
+    "lsd": ("core", round(2 * LSD_BAND_HZ[1]), "its 8-24 kHz band needs a 48 kHz signal"),
+    "similarity": ("similarity", 16_000, "Resemblyzer's GE2E is a 16 kHz model"),
+    "dnsmos": ("dnsmos", 16_000, "DNSMOS is a 16 kHz model"),
+    "visqol": ("visqol", 48_000, "ViSQOL's audio mode is defined at 48 kHz"),
+}
+# The columns each of those units fills.
+COLUMNS_OF_UNIT = {
+    "lsd": ("lsd_hb", "lsd_hb_mix"),
+    "similarity": ("spk_sim_ref", "spk_sim_target", "spk_sim_mix"),
+    "dnsmos": ("dnsmos_sig", "dnsmos_bak", "dnsmos_ovrl", "pdnsmos_sig", "pdnsmos_bak",
+               "pdnsmos_ovrl", "dnsmos_ovrl_mix", "pdnsmos_ovrl_mix"),
+    "visqol": ("visqol",),
+}
 REF_SENS_FLOOR_DB = -100.0  # reference sensitivity of two identical outputs
 
 
@@ -118,10 +135,17 @@ class MetricSettings:
     sample_rate: int = SAMPLE_RATE
     stream: bool = False  # the run also makes a chunked estimate
 
+    def not_applicable(self) -> dict[str, str]:
+        """The units of the chosen groups that ``sample_rate`` cannot give, and why."""
+        return {unit: f"not applicable at {self.sample_rate / 1000:g} kHz: {why}"
+                for unit, (group, rate, why) in MIN_RATE_OF_UNIT.items()
+                if self.sample_rate < rate and group in self.groups}
+
     def columns(self) -> list[str]:
         """The per-sample columns of this evaluation, in report order."""
+        left_out = {c for unit in self.not_applicable() for c in COLUMNS_OF_UNIT[unit]}
         names = [n for n, c in COLUMNS.items() if c.group in self.groups
-                 and (n != "sdr" or self.sdr)]
+                 and (n != "sdr" or self.sdr) and n not in left_out]
         stream = [STREAM_PREFIX + n for n in names if COLUMNS[n].estimate] if self.stream else []
         return names + stream
 

@@ -34,7 +34,7 @@ from matplotlib.figure import Figure
 
 from dsp.audio import SAMPLE_RATE, save_audio
 from dsp.files import atomic_path, write_text_atomic
-from dsp.stft import STFT
+from dsp.stft import HOP_LENGTH, N_FFT, STFT, WIN_LENGTH
 from evaluation.metrics import COLUMNS, STREAM_PREFIX, column
 from evaluation.sources import TA, TP, UNKNOWN, EvalInputError, Sample, Skipped
 
@@ -377,14 +377,18 @@ def plot_histogram(path: Path, values: Sequence[float]) -> None:
     _save_figure(fig, path)
 
 
-def plot_spectrograms(path: Path, signals: dict[str, np.ndarray], title: str) -> None:
-    """Stacked log-magnitude spectrograms (the project's STFT) on one colour scale and one time
-    axis; a shorter signal (the reference, a recording of its own) ends early.
+def plot_spectrograms(path: Path, signals: dict[str, np.ndarray], title: str,
+                      sample_rate: int = SAMPLE_RATE) -> None:
+    """Stacked log-magnitude spectrograms (the project's STFT, its 20 ms / 10 ms frames at any
+    rate) on one colour scale and one time axis; a shorter signal (the reference, a recording
+    of its own) ends early.
 
     Shape:
-        signals: name -> (N_name,) at 48 kHz
+        signals: name -> (N_name,) at ``sample_rate``
     """
-    stft = STFT()
+    scale = sample_rate / SAMPLE_RATE
+    stft = STFT(n_fft=round(N_FFT * scale), win_length=round(WIN_LENGTH * scale),
+                hop_length=round(HOP_LENGTH * scale))
     db = {
         name: 20 * np.log10(stft(torch.from_numpy(w)[None])[0].abs().numpy() + SPEC_EPS)
         for name, w in signals.items()
@@ -395,11 +399,11 @@ def plot_spectrograms(path: Path, signals: dict[str, np.ndarray], title: str) ->
     image = None
     for ax, (name, d) in zip(axes, db.items(), strict=True):
         image = ax.imshow(d, origin="lower", aspect="auto", cmap="magma",
-                          extent=(0.0, len(signals[name]) / SAMPLE_RATE,
-                                  0.0, SAMPLE_RATE / 2 / HZ_PER_KHZ),
+                          extent=(0.0, len(signals[name]) / sample_rate,
+                                  0.0, sample_rate / 2 / HZ_PER_KHZ),
                           vmin=vmax - SPEC_DYNAMIC_RANGE_DB, vmax=vmax)
         ax.set_ylabel(f"{name}\nkHz")
-    axes[-1].set_xlim(0.0, max(len(w) for w in signals.values()) / SAMPLE_RATE)
+    axes[-1].set_xlim(0.0, max(len(w) for w in signals.values()) / sample_rate)
     axes[-1].set_xlabel("time (s)")
     axes[0].set_title(title)
     fig.colorbar(image, ax=list(axes), label="dB")
@@ -416,11 +420,11 @@ def write_examples(
     the sample again (deterministically) rather than keeping it in memory during the run."""
     examples: dict[str, Any] = {}
     extracted: dict[int, tuple[Sample, np.ndarray]] = {}
-    crop = EXAMPLE_SECONDS * SAMPLE_RATE
     for label, index in picks.items():
         if index not in extracted:  # one sample may be best, median and worst at once
             extracted[index] = estimate_of(index)
         sample, estimate = extracted[index]
+        crop = EXAMPLE_SECONDS * sample.sample_rate
         # Long recordings: the first EXAMPLE_SECONDS (the spectrogram of an hour would not
         # fit in memory, nor help anyone listen).
         waves = {"mix": sample.mix[:crop], "ref": sample.ref, "estimate": estimate[:crop],
@@ -428,7 +432,7 @@ def write_examples(
         audio = {}
         for name, wave in waves.items():
             rel = f"{EXAMPLES_DIR}/{label}_{name}.wav"
-            save_audio(out_dir / rel, wave, SAMPLE_RATE)
+            save_audio(out_dir / rel, wave, sample.sample_rate)
             audio[name] = rel
         spec_rel = f"{EXAMPLES_DIR}/{label}_spectrogram.png"
         si_sdri = rows[index]["si_sdri"]
@@ -437,6 +441,7 @@ def write_examples(
             {"mixture": waves["mix"], "reference": waves["ref"][:crop],
              "estimate": waves["estimate"], "target": waves["target"]},
             f"{label}: {sample.id}, SI-SDRi {si_sdri:+.2f} dB",
+            sample.sample_rate,
         )
         examples[label] = {"id": sample.id, "si_sdri": si_sdri, "spectrogram": spec_rel,
                            "audio": audio}
@@ -620,11 +625,16 @@ def report_blocks(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
             + f", weights: {info['weights']}",
             f"samples: {info['source']}: {info['n_samples']} ({counts})",
             f"generator: {info['generator_params']:,} parameters ({info['arch']})",
+            *([f"sample rate: {info['settings']['sample_rate'] / 1000:g} kHz (the model's; "
+               "every file is resampled to it)"] if info["settings"].get("sample_rate") else []),
             *(f"{k}: {v}" for k, v in info["settings"].items()
               if k not in ("snr_band_edges_db", "sir_band_edges_db", "sample_rate",
-                           "long_inputs") and v not in (None, False)),
+                           "long_inputs", "not_applicable") and v not in (None, False)),
             Item("long recordings (above 60 s):",
                  [f"{unit}: {rule}" for unit, rule in info["settings"]["long_inputs"].items()]),
+            *([Item("metrics left out:",
+                    [f"{unit}: {why}" for unit, why in info["settings"]["not_applicable"].items()])]
+              if info["settings"].get("not_applicable") else []),
         ]),
         Heading("Headline (means)"),
         _headline(info, summary),

@@ -91,10 +91,10 @@ def load_sample(source: SampleSource, settings: RunSettings) -> tuple[Sample, di
         "snr_db": sample.meta.get("snr_db"),
         "ref_noisy": sample.meta.get("ref_noisy"),
         "sir_db": target_to_interferer_db(sample),
-        "seconds": len(sample.mix) / SAMPLE_RATE,
+        "seconds": len(sample.mix) / sample.sample_rate,
     }
     if settings.lufs is not None:
-        loudness = mixture_loudness(sample.mix)
+        loudness = mixture_loudness(sample.mix, sample.sample_rate)
         row["mix_lufs"] = loudness
         if math.isfinite(loudness):  # a silent mixture stays as it is
             sample = sample.scaled(10 ** ((settings.lufs - loudness) / 20))

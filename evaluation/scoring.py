@@ -208,8 +208,9 @@ UNITS: dict[str, Unit] = {u.name: u for u in (
 
 def units_of(settings: MetricSettings) -> tuple[str, ...]:
     """The units an evaluation with ``settings`` runs, in ``UNITS`` order."""
-    return tuple(n for n, u in UNITS.items()
-                 if u.group in settings.groups and (n != "sdr" or settings.sdr))
+    left_out = settings.not_applicable()
+    return tuple(n for n, u in UNITS.items() if u.group in settings.groups
+                 and (n != "sdr" or settings.sdr) and n not in left_out)
 
 
 def all_finite(wave: np.ndarray) -> bool:

@@ -21,9 +21,9 @@ never recorded apart, scored only by the metrics that need no target (DNSMOS, sp
 similarity to the reference, WER with a transcript). An all-zero target file is always TA.
 
 Files may have any sample rate, sample format and channel count: ``load_audio`` downmixes and
-resamples them to 48 kHz. The target is cut or zero-padded to the mixture's length (they may be
-at most ``MAX_LENGTH_MISMATCH_SECONDS`` apart). Of a reference only the first
-``extraction.reference.MAX_REF_SECONDS`` are read.
+resamples them to the model's rate (``sample_rate``, 48 kHz by default). The target is cut or
+zero-padded to the mixture's length (they may be at most ``MAX_LENGTH_MISMATCH_SECONDS`` apart).
+Of a reference only the first ``extraction.reference.MAX_REF_SECONDS`` are read.
 
 A bad sample costs that sample, not the run: the listing functions return, beside the sources,
 the ``Skipped`` samples, each with one line naming its file and the problem (a missing mixture
@@ -54,6 +54,7 @@ import soxr
 from config import Config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from dsp.audio import SAMPLE_RATE, AudioError, load_audio
+from evaluation.signal import BLOCK_SAMPLES
 from extraction.reference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, read_reference
 
 log = logging.getLogger("evaluate")
@@ -113,14 +114,14 @@ def loudest_frame_db(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> float:
 
 def _peak(wave: np.ndarray) -> float:
     """The largest magnitude of ``wave``, in blocks. Shape: wave (N,)."""
-    step = round(REF_FRAME_SECONDS * SAMPLE_RATE) * LEVEL_BLOCK_FRAMES
+    step = BLOCK_SAMPLES
     return max((float(np.abs(wave[i : i + step]).max()) for i in range(0, len(wave), step)),
                default=0.0)
 
 
-def check_target(wave: np.ndarray, name: str | Path) -> None:
+def check_target(wave: np.ndarray, name: str | Path, sample_rate: int = SAMPLE_RATE) -> None:
     """Refuse a target-present sample whose target is silent (SI-SDR undefined)."""
-    level = loudest_frame_db(wave)
+    level = loudest_frame_db(wave, sample_rate)
     if level < SILENT_TARGET_DBFS:
         raise EvalInputError(
             f"{name}: the target is silent (its loudest {REF_FRAME_SECONDS:g} s at "
@@ -130,7 +131,7 @@ def check_target(wave: np.ndarray, name: str | Path) -> None:
 
 @dataclass
 class Sample:
-    """One evaluation sample at 48 kHz.
+    """One evaluation sample at the model's rate.
 
     ``target`` is ``None`` when the sample has no target: ``condition`` says whether it is
     absent (TA) or unknown (a real recording). ``heard`` are the sources as heard in the
@@ -151,6 +152,7 @@ class Sample:
     transcript: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     extra_refs: tuple[np.ndarray, ...] = ()  # more references of the target, pooled with ref
+    sample_rate: int = SAMPLE_RATE  # of every signal above
 
     def scaled(self, gain: float) -> Sample:
         """The same sample with the mixture and everything compared with it times ``gain``
@@ -160,7 +162,8 @@ class Sample:
             return None if x is None else (x * gain).astype(np.float32)
 
         return Sample(self.id, times(self.mix), self.ref, times(self.target), self.condition,
-                      times(self.heard), self.transcript, self.meta, self.extra_refs)
+                      times(self.heard), self.transcript, self.meta, self.extra_refs,
+                      self.sample_rate)
 
 
 @dataclass
@@ -182,7 +185,8 @@ def _validation_item(dataset: HiFiTSEDataset, index: int) -> Sample:
     item = dataset[index]
     is_ta = bool(item["is_ta"])
     if not is_ta:
-        check_target(item["target"].numpy(), f"{VAL_ID_FORMAT.format(index)} (validation item)")
+        check_target(item["target"].numpy(), f"{VAL_ID_FORMAT.format(index)} (validation item)",
+                     dataset.sample_rate)
     heard = np.concatenate([item["comp_target"].numpy()[None], item["comp_interferers"].numpy()])
     return Sample(
         id=VAL_ID_FORMAT.format(index),
@@ -197,12 +201,14 @@ def _validation_item(dataset: HiFiTSEDataset, index: int) -> Sample:
             "ref_noisy": bool(item["ref_noisy"]),
             "speaker": item["speaker"],
         },
+        sample_rate=dataset.sample_rate,
     )
 
 
 def validation_samples(cfg: Config, n_samples: int) -> list[SampleSource]:
     """The first ``n_samples`` of the fixed validation list (the same list every run)."""
-    kwargs = {**dataset_kwargs(cfg.data, "val"), "length": n_samples, "return_components": True}
+    kwargs = {**dataset_kwargs(cfg.data, "val", sample_rate=cfg.stft.sample_rate),
+              "length": n_samples, "return_components": True}
     dataset = HiFiTSEDataset(**kwargs)
     return [
         SampleSource(VAL_ID_FORMAT.format(i), partial(_validation_item, dataset, i))
@@ -250,40 +256,44 @@ def _check_length(path: Path, seconds: float, mix_path: Path, mix_seconds: float
                              f"is {mix_seconds:.3f} s")
 
 
-def _fit(path: Path, wave: np.ndarray, mix_path: Path, n: int) -> np.ndarray:
+def _fit(path: Path, wave: np.ndarray, mix_path: Path, n: int, sample_rate: int) -> np.ndarray:
     """``wave`` cut or zero-padded to the mixture's ``n`` samples (a few ms of resampling
     rounding); a larger difference means the files do not belong together."""
-    _check_length(path, len(wave) / SAMPLE_RATE, mix_path, n / SAMPLE_RATE)
+    _check_length(path, len(wave) / sample_rate, mix_path, n / sample_rate)
     return np.pad(wave[:n], (0, max(0, n - len(wave))))
 
 
-def _load_reference(path: Path) -> np.ndarray:
-    """The used part of a reference (its first ``MAX_REF_SECONDS``) at 48 kHz."""
+def _load_reference(path: Path, sample_rate: int) -> np.ndarray:
+    """The used part of a reference (its first ``MAX_REF_SECONDS``) at ``sample_rate``."""
     wave, sr = read_reference(path)
-    return wave if sr == SAMPLE_RATE else soxr.resample(wave, sr, SAMPLE_RATE).astype(np.float32)
+    return wave if sr == sample_rate else soxr.resample(wave, sr, sample_rate).astype(np.float32)
 
 
-def _load_files(files: SampleFiles, missing_target: str) -> Sample:
-    mix = load_audio(files.mix)
-    ref = _load_reference(files.ref)
+def _load_files(files: SampleFiles, missing_target: str, sample_rate: int) -> Sample:
+    mix = load_audio(files.mix, sample_rate)
+    ref = _load_reference(files.ref, sample_rate)
     target, condition = None, TA if missing_target == "absent" else UNKNOWN
+
+    def fitted(path: Path) -> np.ndarray:
+        return _fit(path, load_audio(path, sample_rate), files.mix, len(mix), sample_rate)
+
     if files.target is not None:
-        wave = _fit(files.target, load_audio(files.target), files.mix, len(mix))
+        wave = fitted(files.target)
         if _peak(wave) > SILENT_PEAK:
-            check_target(wave, files.target)
+            check_target(wave, files.target, sample_rate)
             target, condition = wave, TP
         else:
             condition = TA
     heard = None
     if target is not None and files.interferers:
-        heard = np.stack([target, *(_fit(p, load_audio(p), files.mix, len(mix))
-                                    for p in files.interferers)])
+        heard = np.stack([target, *(fitted(p) for p in files.interferers)])
     return Sample(id=files.id, mix=mix, ref=ref, target=target, condition=condition, heard=heard,
                   transcript=files.transcript,
-                  extra_refs=tuple(_load_reference(p) for p in files.extra_refs))
+                  extra_refs=tuple(_load_reference(p, sample_rate) for p in files.extra_refs),
+                  sample_rate=sample_rate)
 
 
-def _file_source(files: SampleFiles, missing_target: str) -> SampleSource:
+def _file_source(files: SampleFiles, missing_target: str, sample_rate: int) -> SampleSource:
     """The source of a sample's files after the checks that need no samples (headers, lengths,
     the reference's voice); raises ``AudioError``/``EvalInputError`` naming the file."""
     mix_seconds = _audio_seconds(files.mix)
@@ -300,7 +310,7 @@ def _file_source(files: SampleFiles, missing_target: str) -> SampleSource:
             read_reference(ref)  # refused now rather than after the samples before it ran
     except AudioError as err:  # too short or voiceless: bad evaluation input
         raise EvalInputError(str(err)) from None
-    return SampleSource(files.id, partial(_load_files, files, missing_target),
+    return SampleSource(files.id, partial(_load_files, files, missing_target, sample_rate),
                         transcribed=files.transcript is not None)
 
 
@@ -312,10 +322,13 @@ def _read_transcript(path: Path) -> str:
 
 
 class _Listing:
-    """Sources and skipped samples of a listing; ``strict`` raises the first problem instead."""
+    """Sources and skipped samples of a listing, loaded at ``sample_rate``; ``strict`` raises
+    the first problem instead."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, missing_target: str, sample_rate: int) -> None:
         self.strict = strict
+        self.missing_target = missing_target
+        self.sample_rate = sample_rate
         self.sources: list[SampleSource] = []
         self.skipped: list[Skipped] = []
 
@@ -324,15 +337,15 @@ class _Listing:
             raise err
         self.skipped.append(Skipped(sample_id, one_line(err)))
 
-    def add(self, files: SampleFiles, missing_target: str) -> None:
+    def add(self, files: SampleFiles) -> None:
         try:
-            self.sources.append(_file_source(files, missing_target))
+            self.sources.append(_file_source(files, self.missing_target, self.sample_rate))
         except (AudioError, EvalInputError) as err:
             self.skip(files.id, err)
 
 
-def triplet_samples(folder: Path, *, missing_target: str = "absent",
-                    strict: bool = False) -> tuple[list[SampleSource], list[Skipped]]:
+def triplet_samples(folder: Path, *, missing_target: str = "absent", strict: bool = False,
+                    sample_rate: int = SAMPLE_RATE) -> tuple[list[SampleSource], list[Skipped]]:
     """Every ``ID-mixed.wav`` of ``folder`` (flat) or of ``folder/mix`` (three folders) with
     its reference, optional target, interferers and transcript, sorted by ID; and the samples
     skipped (a reference or target without its mixture counts as one, named by its ID)."""
@@ -355,7 +368,7 @@ def triplet_samples(folder: Path, *, missing_target: str = "absent",
     for path in ref_dir.glob("*-ref*.wav"):
         if match := EXTRA_REF.match(path.name):
             extra_refs.setdefault(match["id"], []).append((int(match["k"]), path))
-    listing = _Listing(strict)
+    listing = _Listing(strict, missing_target, sample_rate)
     ids = [m.name[: -len(MIX_SUFFIX)] for m in mixes]
     for sample_id, mix_path in zip(ids, mixes, strict=True):
         ref_path = ref_dir / f"{sample_id}{REF_SUFFIX}"
@@ -377,7 +390,7 @@ def triplet_samples(folder: Path, *, missing_target: str = "absent",
             interferers=[p for _, p in sorted(interferers.get(sample_id, []))],
             transcript=transcript,
             extra_refs=[p for _, p in sorted(extra_refs.get(sample_id, []))],
-        ), missing_target)
+        ))
     known = set(ids)
     orphans = {
         p.name[: -len(suffix)]: p
@@ -390,8 +403,8 @@ def triplet_samples(folder: Path, *, missing_target: str = "absent",
     return listing.sources, listing.skipped
 
 
-def csv_samples(path: Path, *, missing_target: str = "absent",
-                strict: bool = False) -> tuple[list[SampleSource], list[Skipped]]:
+def csv_samples(path: Path, *, missing_target: str = "absent", strict: bool = False,
+                sample_rate: int = SAMPLE_RATE) -> tuple[list[SampleSource], list[Skipped]]:
     """The (mix, ref, target[, id, transcript]) rows of a CSV file (module docstring), and the
     rows skipped; a row whose ID an earlier row has is skipped (IDs name the rows of the
     results, and a resumed run skips the IDs it has)."""
@@ -401,7 +414,7 @@ def csv_samples(path: Path, *, missing_target: str = "absent",
         raise EvalInputError(f"{path}: cannot read the CSV ({err})") from None
     reader = csv.reader(io.StringIO(text))
     columns: dict[str, int] | None = None
-    listing = _Listing(strict)
+    listing = _Listing(strict, missing_target, sample_rate)
     first_line: dict[str, int] = {}
     for row in reader:
         cells = [c.strip() for c in row]
@@ -432,7 +445,7 @@ def csv_samples(path: Path, *, missing_target: str = "absent",
             continue
         first_line[sample_id] = reader.line_num
         listing.add(SampleFiles(id=sample_id, mix=mix, ref=ref, target=target,
-                                transcript=get.get("transcript") or None), missing_target)
+                                transcript=get.get("transcript") or None))
     if not listing.sources and not listing.skipped:
         raise EvalInputError(f"{path}: no samples in the CSV")
     return listing.sources, listing.skipped

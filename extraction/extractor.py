@@ -125,6 +125,7 @@ class Extractor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.sr = model.sample_rate
+        self._rates_seen: set[int] = set()  # input rates already announced (``_resampled``)
         self.window = round(window_seconds * self.sr)
         self.overlap = round(overlap_seconds * self.sr)
         if not 0 <= self.overlap < self.window:
@@ -159,6 +160,17 @@ class Extractor:
         with torch.inference_mode(), self._autocast():
             return self.model.encode_reference(ref)
 
+    def _resampled(self, path: Path, sr: int) -> bool:
+        """Whether a file at ``sr`` must be resampled to the model's rate; the first file at each
+        other rate is announced in one line."""
+        if sr == self.sr:
+            return False
+        if sr not in self._rates_seen:
+            self._rates_seen.add(sr)
+            log.info("%s: %d Hz; files at %d Hz are resampled to the model's %d Hz", path, sr,
+                     sr, self.sr)
+        return True
+
     def reference(self, path: Path) -> EncodedReference:
         """The embedded reference of a file (``read_reference``); the ``ref_cache_size`` most
         recently used ones are kept (batch 1)."""
@@ -166,7 +178,7 @@ class Extractor:
             self._refs.move_to_end(path)
             return self._refs[path]
         wave, sr = read_reference(path)
-        if sr != self.sr:
+        if self._resampled(path, sr):
             wave = soxr.resample(wave, sr, self.sr).astype(np.float32, copy=False)
         z_ref = self._embed(wave)
         self._refs[path] = z_ref
@@ -330,6 +342,7 @@ class Extractor:
             device=self.device)
         hop_seconds: list[float] = []
         with MonoReader(job.mix) as reader:
+            self._resampled(job.mix, reader.sr)
             n_in = 0
 
             def counted() -> Iterator[np.ndarray]:
@@ -365,6 +378,7 @@ class Extractor:
         self._checked_job(job)
         z_ref = pool_references([self.reference(path) for path in job.refs])
         with MonoReader(job.mix) as reader:
+            self._resampled(job.mix, reader.sr)
             # Pass 1: length, finiteness and the energy that sets the one scale of every window.
             n_in, total_energy = 0, 0.0
 

@@ -30,12 +30,20 @@ from torch import Tensor
 from dsp.processes import worker_init
 
 PESQ_SAMPLE_RATE = 16_000  # wide-band PESQ is defined at 16 kHz
-PESQ_MODE = "wb"
+NB_PESQ_SAMPLE_RATE = 8_000  # narrow-band PESQ (P.862) at 8 kHz
 PESQ_OFFSET, PESQ_SPAN = 1.0, 3.5  # (PESQ - 1) / 3.5
 
 
+def pesq_rate(sample_rate: int, configured: int = PESQ_SAMPLE_RATE) -> int:
+    """The rate PESQ runs at for signals at ``sample_rate``: narrow-band at 8 kHz below 16 kHz,
+    where wide-band PESQ would score an upsampled narrow band, else ``configured`` (16 kHz, or
+    evaluate.py's ``eval.pesq_sr``)."""
+    return NB_PESQ_SAMPLE_RATE if sample_rate < PESQ_SAMPLE_RATE else configured
+
+
 def normalised_pesq(estimate: np.ndarray, target: np.ndarray, sample_rate: int) -> float:
-    """``(PESQ_wb(target, estimate) - 1) / 3.5`` at 16 kHz, or NaN where PESQ is undefined: a
+    """``(PESQ(target, estimate) - 1) / 3.5``, wide-band at 16 kHz (narrow-band at 8 kHz for
+    signals below 16 kHz: ``pesq_rate``), or NaN where PESQ is undefined: a
     silent target (a target-absent item), a non-finite sample, or an error of ``pesq`` (no
     utterance found, too short a signal).
 
@@ -44,11 +52,12 @@ def normalised_pesq(estimate: np.ndarray, target: np.ndarray, sample_rate: int) 
     """
     if not target.any() or not (np.isfinite(estimate).all() and np.isfinite(target).all()):
         return math.nan
-    if sample_rate != PESQ_SAMPLE_RATE:
-        target = soxr.resample(target, sample_rate, PESQ_SAMPLE_RATE)
-        estimate = soxr.resample(estimate, sample_rate, PESQ_SAMPLE_RATE)
+    rate = pesq_rate(sample_rate)
+    if sample_rate != rate:
+        target = soxr.resample(target, sample_rate, rate)
+        estimate = soxr.resample(estimate, sample_rate, rate)
     try:
-        score = pesq(PESQ_SAMPLE_RATE, target, estimate, PESQ_MODE)
+        score = pesq(rate, target, estimate, "wb" if rate == PESQ_SAMPLE_RATE else "nb")
     except PesqError:
         return math.nan
     return (score - PESQ_OFFSET) / PESQ_SPAN

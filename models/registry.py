@@ -46,6 +46,25 @@ from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 ARCH_KEY = "arch"
 DEFAULT_ARCH = "hifi_tse"
 STFT_KEYS = ("sample_rate", "n_fft", "win_length", "hop_length")  # the stft config section
+# A sample-count field ``<key>`` may have a time alternative ``<key>_ms`` in the same section;
+# config.py turns a non-zero one into samples at the sample rate. Only the samples reach a
+# constructor and a checkpoint.
+MS_SUFFIX = "_ms"
+
+
+def millisecond_keys(section: Any) -> dict[str, str]:
+    """``{"<key>_ms": "<key>"}`` for the sample-count fields of the dataclass (or instance)
+    ``section`` that have a millisecond alternative."""
+    names = {f.name for f in dataclasses.fields(section)}
+    return {n: n.removesuffix(MS_SUFFIX) for n in sorted(names)
+            if n.endswith(MS_SUFFIX) and n.removesuffix(MS_SUFFIX) in names}
+
+
+def constructor_keywords(args: Any) -> dict[str, Any]:
+    """The fields of a family's arguments (or of the stft section) that its constructor takes:
+    all but the millisecond alternatives."""
+    skip = millisecond_keys(args)
+    return {k: v for k, v in dataclasses.asdict(args).items() if k not in skip}
 
 
 # Constructor arguments that checkpoints written by earlier versions carry and the families no
@@ -160,8 +179,9 @@ def model_args(args: Any, stft: dict[str, Any]) -> dict[str, Any]:
     """``{"arch": name, **keywords}``: what builds the model and what a checkpoint stores.
     ``stft`` is the stft config section as a mapping."""
     fam = family(arch_of(args))
-    base = dict(stft) if fam.takes_stft else {"sample_rate": stft["sample_rate"]}
-    keywords = dataclasses.asdict(args)
+    base = {k: stft[k] for k in STFT_KEYS} if fam.takes_stft else {
+        "sample_rate": stft["sample_rate"]}
+    keywords = constructor_keywords(args)
     if keywords.get("first_stage_ckpt"):
         # A two-stage model records its first stage's arguments, so that its own checkpoint
         # rebuilds it without the first stage's file.
@@ -177,7 +197,7 @@ def normalised_args(args: dict[str, Any]) -> dict[str, Any]:
     ``arch`` (``hifi_tse`` before families existed), without retired keys, and with keys added
     since at their defaults, which its model was built with (so that an older run resumes)."""
     arch = args.get(ARCH_KEY, DEFAULT_ARCH)
-    defaults = dataclasses.asdict(family(arch).args())
+    defaults = constructor_keywords(family(arch).args())
     args = {ARCH_KEY: arch, **defaults, **current_model_args(args)}
     if args.get("first_stage"):
         args["first_stage"] = normalised_args(args["first_stage"])

@@ -31,7 +31,8 @@ POOL = 3  # max-pool width of each speaker ResNet block (SpEx+ speaker encoder)
 
 @dataclass
 class SpExPlusArgs:
-    """SpEx+'s arguments (the ``model`` section of its arch); windows are in samples at 48 kHz.
+    """SpEx+'s arguments (the ``model`` section of its arch); windows are in samples at 48 kHz,
+    or in milliseconds for any rate.
 
     Names follow the paper: N = n_filters, O = spk_channels, P = spk_hidden, D = embed_dim,
     B = bottleneck, H = hidden.
@@ -43,6 +44,13 @@ class SpExPlusArgs:
     middle_window: int = 480  # L2
     long_window: int = 960  # L3
     stride: int = 60  # L1 / 2, common to the three scales (SpEx+ speech encoder)
+    # Alternatives in milliseconds (config.resolve_milliseconds): non-zero, they set the window
+    # or stride at the run's sample rate (2.5 / 10 / 20 / 1.25 ms: SpEx+ at any rate);
+    # checkpoints store the samples.
+    short_window_ms: float = 0.0
+    middle_window_ms: float = 0.0
+    long_window_ms: float = 0.0
+    stride_ms: float = 0.0
     spk_channels: int = 256  # O, speaker encoder's 1x1 conv and first ResNet block (SpEx+)
     spk_hidden: int = 512  # P, width of the later ResNet blocks (SpEx+)
     embed_dim: int = 256  # D, speaker embedding (SpEx+)

@@ -31,11 +31,16 @@ class TDSpeakerBeamArgs:
     """TD-SpeakerBeam's arguments besides the sample rate (``model`` section, ``arch:
     td_speakerbeam``). Sizes are Conv-TasNet's best non-causal configuration (Luo & Mesgarani
     2019), which TD-SpeakerBeam's extraction network follows (Delcroix et al. 2020); lengths in
-    samples are 48 kHz ones."""
+    samples are 48 kHz ones, or given in milliseconds for any rate."""
 
     n_filters: int = 512  # N: encoder/decoder basis functions (Conv-TasNet N=512)
     kernel: int = 96  # L: 2 ms at 48 kHz (Conv-TasNet L=16 samples at 8 kHz)
     stride: int = 48  # L/2, 1 ms: the encoder frames overlap by half (Conv-TasNet)
+    # Alternatives in milliseconds (config.resolve_milliseconds): non-zero, they set kernel /
+    # stride at the run's sample rate; checkpoints store the samples. 2 / 1 give the above at
+    # any rate (16 / 8 samples at Conv-TasNet's 8 kHz).
+    kernel_ms: float = 0.0
+    stride_ms: float = 0.0
     bottleneck: int = 128  # B = Sc: residual and skip channels of the TCN (Conv-TasNet B=Sc=128)
     hidden: int = 512  # H: channels inside a conv block (Conv-TasNet H=512)
     conv_kernel: int = 3  # P: depthwise kernel (Conv-TasNet P=3)

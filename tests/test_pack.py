@@ -22,7 +22,7 @@ import soxr
 from config import DataConfig, load_config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
 from data.hdf5_store import (
-    CHUNK_SAMPLES,
+    CHUNK_SECONDS,
     COMPLETE_ATTR,
     CorruptEntryError,
     H5Reader,
@@ -36,6 +36,7 @@ from data.scan import scan_speech
 from tests.packed_data import FILES_PER_ACTOR, link_subset, packed_subset, write_config
 
 SR = 48_000
+CHUNK_SAMPLES = CHUNK_SECONDS * SR
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

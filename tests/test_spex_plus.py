@@ -4,7 +4,6 @@ speaker average, checkpointing, bf16 with near-silent input, size, and a short o
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.nn.functional as F
 
 from losses.separation import si_sdr_loss
 from models.layers.conv_norms import GlobalLayerNorm
+from models.registry import constructor_keywords
 from models.spex_plus import SpExPlus, SpExPlusArgs
 
 SR = 48_000
@@ -50,10 +50,11 @@ def waves(batch: int, n: int, seed: int = 1) -> torch.Tensor:
 
 
 def test_recipe_builds_from_its_args_with_about_11m_parameters() -> None:
-    model = SpExPlus(sample_rate=SR, **asdict(SpExPlusArgs()))
+    model = SpExPlus(sample_rate=SR, **constructor_keywords(SpExPlusArgs()))
     n_params = sum(p.numel() for p in model.parameters())
     assert 10e6 < n_params < 12.5e6
-    with_head = SpExPlus(sample_rate=SR, **{**asdict(SpExPlusArgs()), "n_speakers": 101})
+    keywords = constructor_keywords(SpExPlusArgs())
+    with_head = SpExPlus(sample_rate=SR, **{**keywords, "n_speakers": 101})
     assert sum(p.numel() for p in with_head.parameters()) == n_params + 101 * (256 + 1)
     # One speech encoder (3 filterbanks) serves both paths.
     assert sum(isinstance(m, torch.nn.Conv1d) and m.in_channels == 1 for m in model.modules()) == 3
@@ -63,7 +64,7 @@ def test_constructor_defaults_match_the_dataclass() -> None:
     import inspect
 
     params = inspect.signature(SpExPlus).parameters
-    for name, value in asdict(SpExPlusArgs()).items():
+    for name, value in constructor_keywords(SpExPlusArgs()).items():
         assert params[name].kind is inspect.Parameter.KEYWORD_ONLY
         assert params[name].default == value, name
     assert params["sample_rate"].default == SR

@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Iterator
-from dataclasses import asdict, fields
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ import torch
 from dsp.level import rms_scale
 from losses.separation import si_sdr
 from models.layers.conv_norms import GlobalLayerNorm
+from models.registry import constructor_keywords
 from models.td_speakerbeam import TDSpeakerBeam, TDSpeakerBeamArgs
 
 SAMPLE_RATE = 48_000
@@ -49,13 +49,14 @@ def test_args_and_constructor_agree() -> None:
     params = signature.parameters
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     assert params["sample_rate"].default == SAMPLE_RATE
-    for f in fields(TDSpeakerBeamArgs):
-        assert params[f.name].default == f.default, f.name
-    assert set(params) == {"sample_rate"} | {f.name for f in fields(TDSpeakerBeamArgs)}
+    keywords = constructor_keywords(TDSpeakerBeamArgs())
+    for name, default in keywords.items():
+        assert params[name].default == default, name
+    assert set(params) == {"sample_rate"} | set(keywords)
 
 
 def test_recipe_parameter_count() -> None:
-    model = TDSpeakerBeam(**asdict(TDSpeakerBeamArgs()), sample_rate=SAMPLE_RATE)
+    model = TDSpeakerBeam(**constructor_keywords(TDSpeakerBeamArgs()), sample_rate=SAMPLE_RATE)
     n_params = sum(p.numel() for p in model.parameters())
     assert 6e6 <= n_params <= 7.5e6, n_params
     assert model.sample_rate == SAMPLE_RATE
