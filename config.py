@@ -107,6 +107,35 @@ class DataConfig:
     num_workers: int = 4
 
 
+STANDARD_LAYOUTS = ("", "librimix", "spex_lists", "wsj0_2mix_extr", "whamr")
+
+
+@dataclass
+class StandardSetConfig:
+    # A standard TSE set in its official layout (data/standard_sets.py, doc/standard_sets.md):
+    # train.py reads its fixed mixtures instead of mixing dynamically (data/standard_dataset.py),
+    # and evaluate.py --standard SPLIT scores a split in the published conventions. "" = none.
+    # These sets hold no target-absent items: data.ta_prob and loss.ta_energy must be 0.
+    layout: str = ""  # librimix | spex_lists | wsj0_2mix_extr | whamr
+    root: str = ""  # librimix: the Libri2Mix / Libri3Mix folder; wsj0_2mix_extr, whamr: theirs
+    # spex_lists, whamr: the folder of mix.scp, ref.scp, aux.scp; "{split}" becomes the split.
+    lists: str = ""
+    # Path prefixes rewritten in those lists (they hold their authors' absolute paths).
+    replace: dict[str, str] = field(default_factory=dict)
+    n_src: int = 2  # librimix: 2 (Libri2Mix) or 3 (Libri3Mix)
+    rate: str = "8k"  # librimix, whamr: the wav8k / wav16k folder; must be stft.sample_rate
+    mode: str = "min"  # min | max
+    mix_type: str = "mix_both"  # librimix: mix_clean | mix_both | mix_single; whamr: mix_*
+    target: str = "anechoic"  # whamr: the scored target, anechoic (dry, as USEF-TSE) | reverb
+    # librimix: BUT SpeakerBeam's map_mixture2enrollment of a split ("{split}" replaced); an
+    # evaluation-only licence: download it yourself (doc/standard_sets.md). "" = enrollments
+    # drawn from the split's other utterances of the speaker.
+    enrollment_map: str = ""
+    train_split: str = "train-100"  # librimix: train-100 | train-360; spex / whamr: tr
+    val_split: str = "dev"  # librimix: dev; spex / whamr / wsj0_2mix_extr: cv
+    test_split: str = "test"  # librimix: test; the others: tt
+
+
 @dataclass
 class LossConfig:
     # Named weights, combined in one place: sum(w * terms[k] for k, w in weights.items()).
@@ -270,6 +299,7 @@ class Config:
     gan: GanConfig = field(default_factory=GanConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    standard: StandardSetConfig = field(default_factory=StandardSetConfig)
 
 
 def model_kwargs(cfg: Config) -> dict[str, Any]:
@@ -419,6 +449,29 @@ def check_ranges(cfg: Config) -> None:
             f"config key 'optim.betas': expected two numbers in [0, 1), got {betas!r}"
         )
     _check_gan(cfg.gan)
+    _check_standard(cfg)
+
+
+def _check_standard(cfg: Config) -> None:
+    """A standard set replaces dynamic mixing, whose schedules (target-absent items, SIR boost,
+    selection curriculum, twins, noisy references) then have nothing to act on. (Its rate is
+    checked against stft.sample_rate where it is read: data/standard_dataset.py.)"""
+    s = cfg.standard
+    if s.layout not in STANDARD_LAYOUTS:
+        raise ConfigError(f"config key 'standard.layout': expected one of "
+                          f"{', '.join(repr(x) for x in STANDARD_LAYOUTS)}, got {s.layout!r}")
+    if not s.layout:
+        return
+    for key, value in (("data.ta_prob", cfg.data.ta_prob), ("loss.ta_energy", cfg.loss.ta_energy),
+                       ("train.sir_boost_db", cfg.train.sir_boost_db),
+                       ("train.selection_steps", cfg.train.selection_steps),
+                       ("train.twin_steps", cfg.train.twin_steps),
+                       ("train.noisy_ref_max_prob", cfg.train.noisy_ref_max_prob),
+                       ("data.val_noisy_ref_prob", cfg.data.val_noisy_ref_prob)):
+        if value:
+            raise ConfigError(f"config key '{key}': must be 0 with standard.layout "
+                              f"{s.layout!r} (its fixed mixtures have no target-absent items "
+                              "and no dynamic mixing)")
 
 
 def _check_distill(cfg: Config, family: registry.Family) -> None:

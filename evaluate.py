@@ -55,9 +55,12 @@ from config import (
     to_dict,
 )
 from data.manifest import ManifestError
+from data.standard_dataset import read_configured_set
+from data.standard_sets import StandardSet
 from dsp.audio import AudioError
 from dsp.files import write_text_atomic
 from evaluation import html_report, report
+from evaluation.conventions import convention_lines
 from evaluation.isolation import WorkerError
 from evaluation.metrics import PESQ_MODES, MetricSettings
 from evaluation.runner import METRIC_TIMEOUT_S, RunSettings, extract_all, load_sample, run_samples
@@ -71,6 +74,7 @@ from evaluation.sources import (
     csv_samples,
     one_line,
     read_transcripts,
+    standard_samples,
     triplet_samples,
     validation_samples,
     with_transcripts,
@@ -158,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/{mix,refs,targets}")
     source.add_argument("--csv", type=Path, metavar="FILE",
                         help="CSV of mix,ref,target[,id,transcript] paths")
+    source.add_argument("--standard", metavar="SPLIT",
+                        help="a split of the standard set of the config's standard section "
+                        "(doc/standard_sets.md), e.g. test or tt; --set standard.root=... "
+                        "points at your copy")
     parser.add_argument("--missing-target", choices=MISSING_TARGET, default="absent",
                         help="a triplet or CSV row without a target is target-absent (absent, "
                         "simulated sets) or a real recording scored without a target (unknown)")
@@ -211,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _standard_set(cfg: Config, split: str) -> StandardSet:
+    if not cfg.standard.layout:
+        raise EvalInputError("--standard needs a standard set: set standard.layout and its "
+                             "paths in the config (--config / --set standard.layout=...)")
+    try:
+        return read_configured_set(cfg.standard, split)
+    except ValueError as err:  # SetLayoutError, or a choice the layout does not have
+        raise EvalInputError(str(err)) from None
+
+
 def _sources(args: argparse.Namespace, cfg: Config,
              sample_rate: int) -> tuple[list[SampleSource], list[Skipped], str, str]:
     """The samples (loaded at ``sample_rate``), those skipped while listing them, a
@@ -229,6 +247,12 @@ def _sources(args: argparse.Namespace, cfg: Config,
                                        strict=args.strict, sample_rate=sample_rate)
         desc = f"CSV `{args.csv}`"
         listed = _sha256(args.csv)
+    elif args.standard is not None:
+        standard = _standard_set(cfg, args.standard)
+        sources, skipped = standard_samples(standard, strict=args.strict,
+                                            sample_rate=sample_rate)
+        desc = f"{standard.name} (`{cfg.standard.root or cfg.standard.lists}`)"
+        listed = json.dumps([to_dict(cfg)["standard"], args.standard], sort_keys=True)
     else:
         n = args.n_samples if args.n_samples is not None else cfg.eval.n_samples
         if n < 1:
@@ -381,6 +405,15 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         return sample, extract_all(extractor, sample, whole_file)[""]
 
     examples = report.write_examples(out_dir, report.pick_examples(rows), rows, estimate_of)
+    convention = None
+    if args.standard is not None:
+        means = {m: s["mean"] for m, s in summary["metrics"].items()}
+        standard = _standard_set(cfg, args.standard)
+        n_pairs = sum(r["condition"] == TP for r in rows)
+        convention = convention_lines(cfg.standard.layout, cfg.standard.n_src, standard.name,
+                                      standard.target_kind, n_pairs, metrics.zero_mean, means)
+        for line in convention:
+            log.info("%s", line)
     pesq_mode = PESQ_MODES[metrics.pesq_sr]
     info = {
         "checkpoint": str(args.ckpt),
@@ -419,6 +452,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             "sir_band_edges_db": sir_edges,
         },
         "examples": examples,
+        "convention": convention,
     }
     result = {**info, **summary,
               "skipped": [{"id": k.id, "problem": k.problem} for k in skipped],

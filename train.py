@@ -35,6 +35,8 @@ from tqdm import tqdm
 
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
+from data.standard_dataset import StandardSetDataset, standard_dataset
+from data.standard_sets import SetLayoutError
 from dsp.files import write_text_atomic
 from losses.adversarial import (
     discriminator_loss,
@@ -90,6 +92,22 @@ def check_config(cfg: Config) -> None:
                           f"even, got {t.batch_size}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+
+
+def _dataset(cfg: Config, split: str, rank: int) -> HiFiTSEDataset | StandardSetDataset:
+    """The ``split`` ("train" or "val") of the data: dynamic mixing from the packed corpora, or
+    a standard set's fixed mixtures when ``standard.layout`` names one."""
+    s, d, rate = cfg.standard, cfg.data, cfg.stft.sample_rate
+    if not s.layout:
+        return HiFiTSEDataset(**dataset_kwargs(d, split, rank=rank, sample_rate=rate))
+    train = split == "train"
+    try:
+        return standard_dataset(s, s.train_split if train else s.val_split, train=train,
+                                length=d.samples_per_epoch, seed=d.seed, rank=rank,
+                                segment_seconds=d.segment_seconds, ref_seconds=d.ref_seconds,
+                                sample_rate=rate)
+    except (SetLayoutError, ValueError) as err:
+        raise ConfigError(f"standard: {err}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,8 +339,10 @@ def train(args: argparse.Namespace, stop: StopRequest) -> None:
         # time step's barrier, and a step then takes 10-40x longer (measured on 2 cores).
         cores = max(1, (os.cpu_count() or 1) // world)
         torch.set_num_threads(max(1, cores - cfg.data.num_workers))
-    train_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "train", rank=rank,
-                                                  sample_rate=cfg.stft.sample_rate))
+    try:
+        train_set = _dataset(cfg, "train", rank)
+    except ConfigError as err:  # a standard set that cannot be read
+        refuse(str(err))
     if getattr(cfg.model, "n_speakers", None) == 0 and cfg.loss.speaker_ce:
         # A classification head over the training speakers (the batch's speaker_class): its
         # size comes from the data, and the resolved config and model_args record it.
@@ -419,8 +439,10 @@ def train(args: argparse.Namespace, stop: StopRequest) -> None:
         train_set, sampler=StepSampler(start_step=state.step, batch_size=batch_size, cfg=cfg),
         generator=torch.Generator().manual_seed(cfg.train.seed + rank), **loader_args,
     )
-    val_set = HiFiTSEDataset(**dataset_kwargs(cfg.data, "val",
-                                              sample_rate=cfg.stft.sample_rate))
+    try:
+        val_set = _dataset(cfg, "val", rank)
+    except ConfigError as err:
+        refuse(str(err))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world),
                             generator=torch.Generator().manual_seed(cfg.train.seed + rank),
                             **loader_args)

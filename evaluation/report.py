@@ -638,6 +638,8 @@ def report_blocks(info: dict[str, Any], summary: dict[str, Any], rows: Sequence[
         ]),
         Heading("Headline (means)"),
         _headline(info, summary),
+        *([Heading("In the published convention (standard set)"), Items(info["convention"])]
+          if info.get("convention") else []),
         *_truth_section(summary, columns),
         *_stream_section(info, summary, columns),
         Heading("Distributions"),

@@ -11,6 +11,8 @@
   ``ID-ref<K>.wav`` beside the reference (more references of the target speaker, pooled with
   it: ``inference.py --ref a --ref b``, K = 2, 3, ..) and ``ID.txt`` beside the mixture (or
   in the root folder) holding the target's transcript;
+* a standard set's split (``standard_samples``; data/standard_sets.py): its (mixture, target)
+  pairs with their listed enrollments;
 * a CSV list: rows of (mix, ref, target) paths, relative to the CSV's folder, with a header
   naming the columns ``mix``, ``ref``, ``target`` (optionally ``id``, ``transcript``) or none
   (then in that order).
@@ -53,6 +55,7 @@ import soxr
 
 from config import Config
 from data.dataset import HiFiTSEDataset, dataset_kwargs
+from data.standard_sets import StandardSet
 from dsp.audio import SAMPLE_RATE, AudioError, load_audio
 from evaluation.signal import BLOCK_SAMPLES
 from extraction.reference import MIN_REF_PEAK_DBFS, REF_FRAME_SECONDS, read_reference
@@ -448,6 +451,28 @@ def csv_samples(path: Path, *, missing_target: str = "absent", strict: bool = Fa
                                 transcript=get.get("transcript") or None))
     if not listing.sources and not listing.skipped:
         raise EvalInputError(f"{path}: no samples in the CSV")
+    return listing.sources, listing.skipped
+
+
+def standard_samples(standard: StandardSet, *, strict: bool = False,
+                     sample_rate: int = SAMPLE_RATE) -> tuple[list[SampleSource], list[Skipped]]:
+    """The (mixture, target) pairs of a standard set (data/standard_sets.py), each with its
+    listed enrollment as the reference and the set's scored target, its other sources as the
+    interferers; the rows its reader could not use, and pairs without a listed enrollment,
+    are skipped samples."""
+    if standard.sample_rate != sample_rate:
+        raise EvalInputError(f"{standard.name} is at {standard.sample_rate} Hz, the model at "
+                             f"{sample_rate} Hz: evaluate a model trained at the set's rate")
+    listing = _Listing(strict, "absent", sample_rate)
+    for number, line in enumerate(standard.skipped, 1):
+        listing.skip(f"row {number}", EvalInputError(line))
+    for item in standard.items:
+        if item.enrollment is None:
+            listing.skip(item.id, EvalInputError(
+                f"{item.mix}: no enrollment listed for {item.id} (standard.enrollment_map)"))
+            continue
+        listing.add(SampleFiles(id=item.id, mix=item.mix, ref=item.enrollment,
+                                target=item.target, interferers=list(item.interferers)))
     return listing.sources, listing.skipped
 
 
