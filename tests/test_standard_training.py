@@ -16,9 +16,10 @@ import yaml
 
 import evaluate
 import train
-from config import ConfigError, load_config
+from config import ConfigError, load_config, model_kwargs
 from data.standard_dataset import StandardSetDataset, read_configured_set
 from data.standard_sets import read_librimix
+from models.registry import build_model
 from tests.standard_set_copies import (
     LIST_FAKE_PREFIX,
     make_librimix,
@@ -203,3 +204,33 @@ def test_train_and_evaluate_on_a_copy(
     report = (out / "report.md").read_text()
     assert "In the published convention (standard set)" in report
     assert np.isfinite(summary["metrics"]["si_sdri"]["mean"])
+
+
+RECIPE_FAMILIES = ("hifi_tse", "td_speakerbeam", "td_speakerbeam_espnet", "spex_plus")
+SET_RATES = {"libri2mix_16k": 16_000, "libri2mix_8k": SR, "wsj0_2mix_8k": SR,
+             "wsj0_2mix_extr_8k": SR, "whamr_8k": SR}
+
+
+@pytest.mark.parametrize("family", RECIPE_FAMILIES)
+def test_every_recipe_row_builds_its_model_at_the_set_rate(family: str) -> None:
+    """Each family config combined with each set config (doc/benchmarks.md, "Recipes at the
+    standard rates") loads and builds its model at the set's rate, its windows in
+    milliseconds turned into that rate's samples."""
+    for name, rate in SET_RATES.items():
+        cfg = load_config([REPO / "configs" / f"{family}.yaml",
+                           REPO / "configs" / "sets" / f"{name}.yaml"])
+        args = model_kwargs(cfg)
+        assert args["sample_rate"] == rate
+        if family == "hifi_tse":
+            assert (args["win_length"], args["hop_length"]) == (rate // 50, rate // 100)
+        elif family.startswith("td_speakerbeam"):
+            assert (args["kernel"], args["stride"]) == (rate // 500, rate // 1000)
+        else:
+            assert [args[k] for k in ("short_window", "middle_window", "long_window",
+                                      "stride")] == [rate // 400, rate // 100, rate // 50,
+                                                     rate // 800]
+        model = build_model(args)
+        assert model.sample_rate == rate
+        with torch.no_grad():
+            assert model(torch.randn(1, rate // 2), torch.randn(1, rate // 2)).shape == (
+                1, rate // 2)
