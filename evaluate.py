@@ -20,7 +20,9 @@ on that sample (``evaluation/isolation.py``). Outputs (``evaluation/report.py``)
 with the same settings scores only the missing IDs, one with other settings is refused),
 ``fingerprint.json``, ``summary.json``, ``report.md``, ``report.html`` (the same, with the
 figures and audio players in the page), ``si_sdri_hist.png`` and the best, median and worst TP
-samples' audio and spectrograms under ``examples/``.
+samples' (and the worst confusions') audio and spectrograms under ``examples/``. ``--standard
+SPLIT`` scores a split of the config's standard set (data/standard_sets.py) and adds its result
+in the published convention (evaluation/conventions.py).
 
 A bad sample (a missing, unreadable, empty, too short or non-finite file, a duplicate ID, a
 target whose length is not its mixture's or that is silent, a voiceless reference) is skipped
@@ -343,6 +345,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - run.jobs))
     extractor = Extractor(model, device=device, pcs=args.pcs)
+    if (cfg.standard.layout and args.standard is None and args.triplets is None
+            and args.csv is None):
+        # A run trained on a standard set has no packed validation list: its validation split.
+        args.standard = cfg.standard.val_split
+        log.info("the checkpoint was trained on a standard set: evaluating its split %s",
+                 args.standard)
     rate = loaded.model.sample_rate  # the checkpoint's: every file is resampled to it
     sources, skipped, source_desc, digest = _sources(args, cfg, rate)
     for item in skipped:

@@ -7,7 +7,8 @@ its rows, and a rerun into the same folder with the same fingerprint scores only
 rewritten in source order, and every other file is written atomically (a temporary file in the
 same folder, then a rename): ``summary.json``, ``report.md`` and ``report.html`` (the same
 ``report_blocks``, the HTML by ``evaluation/html_report.py``), ``si_sdri_hist.png`` and, for the
-best, median and worst TP samples by SI-SDRi, ``examples/{label}_spectrogram.png`` (mixture,
+best, median and worst TP samples by SI-SDRi and the worst confusions (``pick_examples``),
+``examples/{label}_spectrogram.png`` (mixture,
 reference, estimate and target) and ``examples/{label}_{mix,ref,estimate,target}.wav``. The
 summaries are computed from the rows as the CSV holds them (6 decimals), so a resumed run's
 summary equals an uninterrupted one's.
@@ -43,6 +44,8 @@ FINGERPRINT_NAME = "fingerprint.json"
 HIST_NAME, EXAMPLES_DIR = "si_sdri_hist.png", "examples"
 EXAMPLE_SECONDS = 30  # audio and spectrograms of the examples: at most the first 30 s
 EXAMPLE_LABELS = ("best", "median", "worst")
+# The worst confusions (estimate closer to an interferer) are examples too: confusion_1, ...
+CONFUSION_LABEL, N_CONFUSION_EXAMPLES = "confusion", 2
 ROW_FIELDS = ("id", "condition", "n_interferers", "snr_db", "ref_noisy", "sir_db", "seconds")
 PERCENTILES = (5, 25, 75, 95)
 BAD_SI_SDRI_DB = (0.0, -5.0)  # TP samples below these SI-SDRi: made worse, and badly
@@ -201,14 +204,28 @@ def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str],
     return summary
 
 
+def _confusion_margin(row: dict[str, Any]) -> float:
+    """How much closer (dB) a confused estimate is to an interferer than to its target."""
+    return row.get("si_sdr_interferer", math.nan) - row.get("si_sdr", math.nan)
+
+
 def pick_examples(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Row indices of the best, median and worst TP samples by SI-SDRi (ties: first row)."""
+    """Row indices of the best, median and worst TP samples by SI-SDRi (ties: first row), then
+    of the worst confusions (``confusion_1``..): up to ``N_CONFUSION_EXAMPLES`` TP samples
+    whose estimate is closer to an interferer than to the target, the farthest first."""
     tp = [i for i, r in enumerate(rows)
           if r["condition"] == TP and math.isfinite(r.get("si_sdri", math.nan))]
     if not tp:
         return {}
     ranked = sorted(tp, key=lambda i: (-rows[i]["si_sdri"], i))  # best first
-    return dict(zip(EXAMPLE_LABELS, (ranked[0], ranked[len(ranked) // 2], ranked[-1]), strict=True))
+    picks = dict(zip(EXAMPLE_LABELS, (ranked[0], ranked[len(ranked) // 2], ranked[-1]),
+                     strict=True))
+    confused = sorted((i for i in tp if rows[i].get("confusion") == 1
+                       and math.isfinite(_confusion_margin(rows[i]))),
+                      key=lambda i: (-_confusion_margin(rows[i]), i))
+    for k, index in enumerate(confused[:N_CONFUSION_EXAMPLES], 1):
+        picks[f"{CONFUSION_LABEL}_{k}"] = index
+    return picks
 
 
 def _csv_cell(value: Any) -> str:

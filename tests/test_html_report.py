@@ -115,6 +115,8 @@ def evaluation(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str
                "seconds": SECONDS, "notes": "pesq: crashed" if i == 1 else ""}
         rows.append(row | {c: float(rng.normal()) if cond in column(c).conditions else math.nan
                            for c in columns})
+    # The first sample's estimate is closer to its interferer: a worst-confusion example.
+    rows[0] |= {"confusion": 1.0, "si_sdr_interferer": rows[0]["si_sdr"] + 3.0}
     summary = report.summarize(rows, columns, [-5.0, 0.0, 5.0])
     report.plot_histogram(out / report.HIST_NAME,
                           [r["si_sdri"] for r in rows if r["condition"] == TP])
@@ -156,10 +158,10 @@ def test_html_has_the_tables_of_report_md(evaluation: tuple[Path, dict[str, Any]
 def test_every_image_and_audio_file_exists(evaluation: tuple[Path, dict[str, Any]]) -> None:
     out, _ = evaluation
     page = parse(out / html_report.HTML_NAME)
+    labels = (*report.EXAMPLE_LABELS, f"{report.CONFUSION_LABEL}_1")
     assert page.links["img"] == [report.HIST_NAME,
-                                 *(f"examples/{label}_spectrogram.png"
-                                   for label in report.EXAMPLE_LABELS)]
-    assert len(page.links["audio"]) == 4 * len(report.EXAMPLE_LABELS)
+                                 *(f"examples/{label}_spectrogram.png" for label in labels)]
+    assert len(page.links["audio"]) == 4 * len(labels)
     for src in (*page.links["img"], *page.links["audio"], *page.links["a"]):
         assert not Path(src).is_absolute()
         assert (out / src).is_file(), src
@@ -265,3 +267,16 @@ def test_evaluate_writes_report_html(tmp_path: Path) -> None:
     assert len(page.links["img"]) == 1 + len(report.EXAMPLE_LABELS)
     for src in (*page.links["img"], *page.links["audio"]):
         assert (out / src).is_file(), src
+
+
+def test_worst_confusions_are_picked_farthest_first() -> None:
+    def row(condition: str, si_sdri: float, confusion: float, margin: float) -> dict[str, Any]:
+        return {"condition": condition, "si_sdri": si_sdri, "si_sdr": 0.0,
+                "confusion": confusion, "si_sdr_interferer": margin}
+
+    rows = [row(TP, 5.0, 0.0, -9.0), row(TP, -4.0, 1.0, 2.0), row(TA, math.nan, 1.0, 9.0),
+            row(TP, -8.0, 1.0, 6.0), row(TP, 1.0, 1.0, 4.0), row(TP, 0.0, math.nan, math.nan)]
+    picks = report.pick_examples(rows)
+    assert picks == {"best": 0, "median": 5, "worst": 3, "confusion_1": 3, "confusion_2": 4}
+    assert report.pick_examples([row(TP, 1.0, 0.0, -3.0)]) == {"best": 0, "median": 0,
+                                                                 "worst": 0}

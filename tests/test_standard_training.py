@@ -204,6 +204,11 @@ def test_train_and_evaluate_on_a_copy(
     report = (out / "report.md").read_text()
     assert "In the published convention (standard set)" in report
     assert np.isfinite(summary["metrics"]["si_sdri"]["mean"])
+    if layout == "librimix":  # no source named: the set's validation split, not a packed list
+        evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "val"), "--metrics",
+                       "core"])
+        source = json.loads((tmp_path / "val" / "summary.json").read_text())["source"]
+        assert source.startswith("Libri2Mix 8k min mix_both dev")
 
 
 RECIPE_FAMILIES = ("hifi_tse", "td_speakerbeam", "td_speakerbeam_espnet", "spex_plus")
