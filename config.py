@@ -45,7 +45,8 @@ class StftConfig:
     win_length: int = 960  # 20 ms Hann window
     hop_length: int = 480  # 10 ms
     # Alternatives in milliseconds: non-zero, they set win_length / hop_length at sample_rate
-    # (rounded). Checkpoints store the samples.
+    # (rounded); of a count and its alternative, the one set last wins. Checkpoints store the
+    # samples.
     win_length_ms: float = 0.0
     hop_length_ms: float = 0.0
 
@@ -115,7 +116,8 @@ class StandardSetConfig:
     # A standard TSE set in its official layout (data/standard_sets.py, doc/standard_sets.md):
     # train.py reads its fixed mixtures instead of mixing dynamically (data/standard_dataset.py),
     # and evaluate.py --standard SPLIT scores a split in the published conventions. "" = none.
-    # These sets hold no target-absent items: data.ta_prob and loss.ta_energy must be 0.
+    # These sets hold no target-absent items: training on one needs data.ta_prob,
+    # loss.ta_energy and the dynamic-mixing schedules at 0 (train.py refuses otherwise).
     layout: str = ""  # librimix | spex_lists | wsj0_2mix_extr | whamr
     root: str = ""  # librimix: the Libri2Mix / Libri3Mix folder; wsj0_2mix_extr, whamr: theirs
     # spex_lists, whamr: the folder of mix.scp, ref.scp, aux.scp; "{split}" becomes the split.
@@ -453,25 +455,11 @@ def check_ranges(cfg: Config) -> None:
 
 
 def _check_standard(cfg: Config) -> None:
-    """A standard set replaces dynamic mixing, whose schedules (target-absent items, SIR boost,
-    selection curriculum, twins, noisy references) then have nothing to act on. (Its rate is
-    checked against stft.sample_rate where it is read: data/standard_dataset.py.)"""
+    """The layout names a known set (train.py adds the rules of training on one)."""
     s = cfg.standard
     if s.layout not in STANDARD_LAYOUTS:
         raise ConfigError(f"config key 'standard.layout': expected one of "
                           f"{', '.join(repr(x) for x in STANDARD_LAYOUTS)}, got {s.layout!r}")
-    if not s.layout:
-        return
-    for key, value in (("data.ta_prob", cfg.data.ta_prob), ("loss.ta_energy", cfg.loss.ta_energy),
-                       ("train.sir_boost_db", cfg.train.sir_boost_db),
-                       ("train.selection_steps", cfg.train.selection_steps),
-                       ("train.twin_steps", cfg.train.twin_steps),
-                       ("train.noisy_ref_max_prob", cfg.train.noisy_ref_max_prob),
-                       ("data.val_noisy_ref_prob", cfg.data.val_noisy_ref_prob)):
-        if value:
-            raise ConfigError(f"config key '{key}': must be 0 with standard.layout "
-                              f"{s.layout!r} (its fixed mixtures have no target-absent items "
-                              "and no dynamic mixing)")
 
 
 def _check_distill(cfg: Config, family: registry.Family) -> None:
@@ -529,6 +517,10 @@ def _apply(cfg: Config, section: str, key: str, value: Any) -> None:
         family = f" (not an argument of arch {registry.arch_of(sub)})" if section == "model" else ""
         raise ConfigError(f"unknown config key '{section}.{key}'{family}")
     setattr(sub, key, _check(value, fields[key], f"{section}.{key}"))
+    # A sample count and its millisecond alternative: the one written last wins.
+    for ms_key, samples_key in registry.millisecond_keys(sub).items():
+        if key == samples_key:
+            setattr(sub, ms_key, 0.0)
 
 
 def _apply_raw(cfg: Config, raw: dict[str, Any] | None) -> None:

@@ -164,10 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "DIR/{mix,refs,targets}")
     source.add_argument("--csv", type=Path, metavar="FILE",
                         help="CSV of mix,ref,target[,id,transcript] paths")
-    source.add_argument("--standard", metavar="SPLIT",
+    source.add_argument("--standard", metavar="SPLIT", nargs="?", const="",
                         help="a split of the standard set of the config's standard section "
-                        "(doc/standard_sets.md), e.g. test or tt; --set standard.root=... "
-                        "points at your copy")
+                        "(doc/standard_sets.md), e.g. test or tt; alone: standard.test_split. "
+                        "--set standard.root=... points at your copy")
     parser.add_argument("--missing-target", choices=MISSING_TARGET, default="absent",
                         help="a triplet or CSV row without a target is target-absent (absent, "
                         "simulated sets) or a real recording scored without a target (unknown)")
@@ -259,6 +259,10 @@ def _sources(args: argparse.Namespace, cfg: Config,
         n = args.n_samples if args.n_samples is not None else cfg.eval.n_samples
         if n < 1:
             raise EvalInputError(f"--n-samples must be >= 1, got {n}")
+        if cfg.stft.sample_rate != sample_rate:
+            raise EvalInputError(f"the config's stft.sample_rate is {cfg.stft.sample_rate} Hz, "
+                                 f"the checkpoint's model runs at {sample_rate} Hz: its "
+                                 "validation list would be mixed at another rate")
         sources = validation_samples(cfg, n)
         desc = f"validation set (first {n} of the fixed list, `{cfg.data.manifest_dir}`)"
         listed = json.dumps(to_dict(cfg)["data"], sort_keys=True)
@@ -345,6 +349,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         # only contend (an LSTM on a busy CPU slows down many times over).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - run.jobs))
     extractor = Extractor(model, device=device, pcs=args.pcs)
+    if args.standard == "":
+        args.standard = cfg.standard.test_split
     if (cfg.standard.layout and args.standard is None and args.triplets is None
             and args.csv is None):
         # A run trained on a standard set has no packed validation list: its validation split.

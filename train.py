@@ -92,6 +92,21 @@ def check_config(cfg: Config) -> None:
                           f"even, got {t.batch_size}")
     if t.precision not in ("fp32", "bf16", "fp16"):
         raise ConfigError(f"train.precision must be fp32, bf16 or fp16, got {t.precision!r}")
+    if cfg.standard.layout:
+        # A standard set's fixed mixtures have no target-absent items and no dynamic mixing:
+        # the schedules that act on them would train nothing (evaluate.py may still score any
+        # checkpoint on a set, so this is a rule of training only).
+        for key, value in (("data.ta_prob", cfg.data.ta_prob),
+                           ("loss.ta_energy", cfg.loss.ta_energy),
+                           ("train.sir_boost_db", t.sir_boost_db),
+                           ("train.selection_steps", t.selection_steps),
+                           ("train.twin_steps", t.twin_steps),
+                           ("train.noisy_ref_max_prob", t.noisy_ref_max_prob),
+                           ("data.val_noisy_ref_prob", cfg.data.val_noisy_ref_prob)):
+            if value:
+                raise ConfigError(f"config key '{key}': must be 0 with standard.layout "
+                                  f"{cfg.standard.layout!r} (its fixed mixtures have no "
+                                  "target-absent items and no dynamic mixing)")
 
 
 def _dataset(cfg: Config, split: str, rank: int) -> HiFiTSEDataset | StandardSetDataset:
@@ -103,7 +118,8 @@ def _dataset(cfg: Config, split: str, rank: int) -> HiFiTSEDataset | StandardSet
     train = split == "train"
     try:
         return standard_dataset(s, s.train_split if train else s.val_split, train=train,
-                                length=d.samples_per_epoch, seed=d.seed, rank=rank,
+                                length=d.samples_per_epoch if train else d.n_val_samples,
+                                seed=d.seed, rank=rank,
                                 segment_seconds=d.segment_seconds, ref_seconds=d.ref_seconds,
                                 sample_rate=rate)
     except (SetLayoutError, ValueError) as err:
@@ -339,9 +355,10 @@ def train(args: argparse.Namespace, stop: StopRequest) -> None:
         # time step's barrier, and a step then takes 10-40x longer (measured on 2 cores).
         cores = max(1, (os.cpu_count() or 1) // world)
         torch.set_num_threads(max(1, cores - cfg.data.num_workers))
-    try:
+    try:  # both splits before anything is written: a set that cannot be read is refused
         train_set = _dataset(cfg, "train", rank)
-    except ConfigError as err:  # a standard set that cannot be read
+        val_set = _dataset(cfg, "val", rank)
+    except ConfigError as err:
         refuse(str(err))
     if getattr(cfg.model, "n_speakers", None) == 0 and cfg.loss.speaker_ce:
         # A classification head over the training speakers (the batch's speaker_class): its
@@ -439,10 +456,6 @@ def train(args: argparse.Namespace, stop: StopRequest) -> None:
         train_set, sampler=StepSampler(start_step=state.step, batch_size=batch_size, cfg=cfg),
         generator=torch.Generator().manual_seed(cfg.train.seed + rank), **loader_args,
     )
-    try:
-        val_set = _dataset(cfg, "val", rank)
-    except ConfigError as err:
-        refuse(str(err))
     val_loader = DataLoader(val_set, sampler=range(rank, len(val_set), world),
                             generator=torch.Generator().manual_seed(cfg.train.seed + rank),
                             **loader_args)

@@ -7,11 +7,11 @@ an enrollment cropped to ``ref_seconds``:
 * training: the pair is drawn at random for each position of the step stream (a function of
   the seed, the rank and the position, as in ``HiFiTSEDataset``), the crop and the enrollment
   crop at random; a pair without a listed enrollment (LibriMix training splits) gets another
-  utterance of its speaker from the split, never the target file itself (as ESPnet's on-the-fly
-  enrollments, ``egs2/librimix/tse1``, and WeSep's ``spk2enroll``);
-* validation: pair ``i`` of the list, its first ``segment_seconds`` and its enrollment's first
-  ``ref_seconds`` (the enrollment drawn once from the seed where none is listed): the same items
-  every validation.
+  utterance of its speaker from the split, never the target utterance itself (as ESPnet's
+  on-the-fly enrollments, ``egs2/librimix/tse1``, and WeSep's ``spk2enroll``);
+* validation: pair ``i`` of the list (the first ``data.n_val_samples`` pairs), its first
+  ``segment_seconds`` and its enrollment's first ``ref_seconds`` (the enrollment drawn once
+  from the seed where none is listed): the same items every validation.
 
 Shorter files are zero-padded. The standard sets hold no target-absent items (``is_ta`` is
 always False) and no noisy references; the items carry what train.py and its validation read
@@ -39,6 +39,7 @@ from data.manifest import ManifestError
 from data.standard_sets import (
     SetItem,
     StandardSet,
+    librimix_utterance,
     read_librimix,
     read_spex_lists,
     read_whamr,
@@ -100,12 +101,13 @@ def read_crop(path: Path, start: int, n: int, sample_rate: int) -> np.ndarray:
     """
     try:
         with sf.SoundFile(path) as f:
-            if f.samplerate != sample_rate:
-                raise AudioError(f"{path}: {f.samplerate} Hz, the set is at {sample_rate} Hz")
+            rate = f.samplerate
             f.seek(min(start, f.frames))
             data = f.read(n, dtype="float32", always_2d=True)  # (<= n, C)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as err:
         raise AudioError(f"{path}: unreadable audio ({err})") from None
+    if rate != sample_rate:
+        raise AudioError(f"{path}: {rate} Hz, the set is at {sample_rate} Hz")
     wave = data.mean(axis=1)
     if not np.isfinite(wave).all():
         raise AudioError(f"{path}: non-finite samples (NaN or Inf)")
@@ -140,7 +142,8 @@ class StandardSetDataset(Dataset):
         self.standard = standard
         self.items = standard.items
         self.train = train
-        self.length = int(length) if train else len(self.items)
+        # Validation: the first ``length`` pairs of the list (data.n_val_samples), at most all.
+        self.length = int(length) if train else min(int(length), len(self.items))
         self.seed, self.rank = int(seed), int(rank)
         self.sample_rate = sample_rate
         self.segment_samples = round(segment_seconds * sample_rate)
@@ -158,11 +161,15 @@ class StandardSetDataset(Dataset):
         return self.length
 
     def _enrollment(self, item: SetItem, rng: np.random.Generator) -> Path:
-        """The listed enrollment, or another utterance of the speaker drawn with ``rng``."""
+        """The listed enrollment, or another utterance of the speaker drawn with ``rng``: not the
+        target file, nor another LibriMix mixture's copy of the target utterance (LibriMix uses
+        an utterance in more than one mixture)."""
         if item.enrollment is not None:
             return item.enrollment
+        utterance = librimix_utterance(item.target)
         pool = [p for p in self.standard.enrollment_pool.get(item.speaker, [])
-                if p != item.target]
+                if p != item.target and (utterance is None
+                                         or librimix_utterance(p) != utterance)]
         if not pool:
             raise AudioError(f"{item.id}: no other utterance of speaker {item.speaker} to "
                              "enrol with")
@@ -219,12 +226,19 @@ class StandardSetDataset(Dataset):
                                 "(no noisy variant, one reference)")
         if not self._pairs:
             raise ManifestError(f"{self.standard.name}: no mixture has two targets")
-        a, b = (self.items[i] for i in self._pairs[index % len(self._pairs)])
-        rng = np.random.default_rng([self.seed, _SWAP_STREAM, index])
-        mix, target_a, ref_a = self._crops(a, rng, random_crop=False)
-        _, target_b, ref_b = self._crops(b, rng, random_crop=False)
-        return {"mix": mix, "sources": np.stack([target_a, target_b]),
-                "refs": np.stack([ref_a, ref_b]), "speakers": [a.speaker, b.speaker]}
+        for attempt in range(MAX_DRAWS):  # an unreadable file: the next mixture
+            a, b = (self.items[i] for i in self._pairs[(index + attempt) % len(self._pairs)])
+            rng = np.random.default_rng([self.seed, _SWAP_STREAM, index, attempt])
+            try:
+                mix, target_a, ref_a = self._crops(a, rng, random_crop=False)
+                _, target_b, ref_b = self._crops(b, rng, random_crop=False)
+            except AudioError as err:
+                log.warning("swap pair %d: skipped %s", index, err)
+                continue
+            return {"mix": mix, "sources": np.stack([target_a, target_b]),
+                    "refs": np.stack([ref_a, ref_b]), "speakers": [a.speaker, b.speaker]}
+        raise ManifestError(f"{self.standard.name}: {MAX_DRAWS} swap pairs in a row could "
+                            "not be read")
 
 
 def standard_dataset(s: StandardSetConfig, split: str, *, train: bool, length: int, seed: int,

@@ -198,6 +198,16 @@ def _librimix_rows(path: Path, n_src: int, mix_type: str) -> list[tuple[int, str
     return rows
 
 
+def librimix_utterance(path: Path) -> str | None:
+    """The LibriSpeech utterance id of a LibriMix source file ``s<k>/<mixture_ID>.wav`` (the
+    k-th ``_``-separated part of the mixture ID), None for any other file."""
+    match = re.fullmatch(r"s(\d+)", path.parent.name)
+    parts = path.stem.split("_")
+    if not match or not 1 <= int(match[1]) <= len(parts):
+        return None
+    return parts[int(match[1]) - 1]
+
+
 def librispeech_speaker(utterance: str) -> str:
     """The LibriSpeech speaker id of an utterance id ``<speaker>-<chapter>-<index>``."""
     return utterance.split("-", 1)[0]

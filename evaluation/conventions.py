@@ -22,9 +22,9 @@ PUBLISHED_PAIRS = {
 
 # Which published rows (doc/benchmarks.md) each set is compared with, and how they are printed.
 COMPARE_WITH = {
-    "librimix": "TD-SpeakerBeam, ESPnet egs2/librimix/tse1 (16 kHz min mix_both): absolute "
-                "SI-SNR of the estimates and of the mixtures; the improvement is their "
-                "difference",
+    "librimix": "TD-SpeakerBeam, ESPnet egs2/librimix/tse1 (16 kHz min mix_both only; no "
+                "8 kHz or Libri3Mix TSE number was found): absolute SI-SNR of the estimates "
+                "and of the mixtures; the improvement is their difference",
     "spex_lists": "SpEx+ (SI-SDRi), X-TF-GridNet (absolute SI-SDR, mixture 0.0), USEF-TSE "
                   "(SI-SDRi), ESPnet TD-SpeakerBeam (absolute SI-SNR) on the 8 kHz min list",
     "whamr": "USEF-TSE on WHAMR! (mix_both_reverb, scored against the anechoic source)",

@@ -204,15 +204,11 @@ def summarize(rows: Sequence[dict[str, Any]], columns: Sequence[str],
     return summary
 
 
-def _confusion_margin(row: dict[str, Any]) -> float:
-    """How much closer (dB) a confused estimate is to an interferer than to its target."""
-    return row.get("si_sdr_interferer", math.nan) - row.get("si_sdr", math.nan)
-
-
 def pick_examples(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Row indices of the best, median and worst TP samples by SI-SDRi (ties: first row), then
     of the worst confusions (``confusion_1``..): up to ``N_CONFUSION_EXAMPLES`` TP samples
-    whose estimate is closer to an interferer than to the target, the farthest first."""
+    whose estimate is closer to an interferer than to the target, the closest to an interferer
+    (highest ``si_sdr_interferer``) first."""
     tp = [i for i, r in enumerate(rows)
           if r["condition"] == TP and math.isfinite(r.get("si_sdri", math.nan))]
     if not tp:
@@ -221,8 +217,8 @@ def pick_examples(rows: Sequence[dict[str, Any]]) -> dict[str, int]:
     picks = dict(zip(EXAMPLE_LABELS, (ranked[0], ranked[len(ranked) // 2], ranked[-1]),
                      strict=True))
     confused = sorted((i for i in tp if rows[i].get("confusion") == 1
-                       and math.isfinite(_confusion_margin(rows[i]))),
-                      key=lambda i: (-_confusion_margin(rows[i]), i))
+                       and math.isfinite(rows[i].get("si_sdr_interferer", math.nan))),
+                      key=lambda i: (-rows[i]["si_sdr_interferer"], i))
     for k, index in enumerate(confused[:N_CONFUSION_EXAMPLES], 1):
         picks[f"{CONFUSION_LABEL}_{k}"] = index
     return picks

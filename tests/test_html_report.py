@@ -269,7 +269,7 @@ def test_evaluate_writes_report_html(tmp_path: Path) -> None:
         assert (out / src).is_file(), src
 
 
-def test_worst_confusions_are_picked_farthest_first() -> None:
+def test_worst_confusions_are_picked_closest_to_an_interferer_first() -> None:
     def row(condition: str, si_sdri: float, confusion: float, margin: float) -> dict[str, Any]:
         return {"condition": condition, "si_sdri": si_sdri, "si_sdr": 0.0,
                 "confusion": confusion, "si_sdr_interferer": margin}

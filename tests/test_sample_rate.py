@@ -84,6 +84,11 @@ def test_milliseconds_become_samples_at_the_run_rate() -> None:
     assert [spex[k] for k in ("short_window", "middle_window", "long_window", "stride")] == [
         20, 80, 160, 10]  # SpEx+ at its 8 kHz
     assert not any(k.endswith("_ms") for k in spex)
+    # Of a count and its alternative the one set last wins, in files and overrides alike.
+    assert load_config(REPO / "configs" / "td_speakerbeam.yaml",
+                       ["model.kernel=32", "model.stride=16"]).model.kernel == 32
+    assert load_config(REPO / "configs" / "td_speakerbeam.yaml",
+                       ["model.kernel=32", "model.kernel_ms=4"]).model.kernel == 192
     # The rate can come after the milliseconds: they resolve against the final rate.
     late = load_config(REPO / "configs" / "tiny.yaml",
                        ["stft.win_length_ms=20", "stft.sample_rate=8000"])
@@ -146,7 +151,7 @@ def test_packing_and_mixing_follow_the_rate(
 
 @pytest.mark.slow
 def test_train_evaluate_and_infer_at_8k(
-    tmp_path: Path, shared_data: Path) -> None:
+    tmp_path: Path, shared_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "packed8k"
     data_yaml = write_config(root, link_subset(shared_data, root / "data"), segment_seconds=1.0,
                              ref_seconds=1.0, n_val_samples=4, num_workers=0, ta_prob=0.0)
@@ -198,6 +203,12 @@ def test_train_evaluate_and_infer_at_8k(
     assert not {"lsd_hb", "spk_sim_ref"} & set(header)
     assert np.isfinite(summary["metrics"]["pesq"]["mean"])
     assert "sample rate: 8 kHz" in (out / "report.md").read_text()
+
+    # A validation list mixed at another rate than the model's is refused in one line.
+    with pytest.raises(SystemExit, match="1"):
+        evaluate.main(["--ckpt", str(ckpt), "--out-dir", str(tmp_path / "v48"), "--set",
+                       "stft.sample_rate=48000"])
+    assert "the checkpoint's model runs at 8000 Hz" in capsys.readouterr().err
 
     # inference.py: a 48 kHz file through the 8 kHz model, announced once, written at 8 kHz.
     result = subprocess.run(

@@ -18,7 +18,7 @@ import evaluate
 import train
 from config import ConfigError, load_config, model_kwargs
 from data.standard_dataset import StandardSetDataset, read_configured_set
-from data.standard_sets import read_librimix
+from data.standard_sets import librimix_utterance, read_librimix
 from models.registry import build_model
 from tests.standard_set_copies import (
     LIST_FAKE_PREFIX,
@@ -120,12 +120,14 @@ def test_items_crops_and_enrollments(libri: tuple[Path, str]) -> None:
     for item in train_set.items:
         for _ in range(5):
             enrollment = data._enrollment(item, rng)
-            assert enrollment != item.target
+            assert librimix_utterance(enrollment) != librimix_utterance(item.target)
             assert enrollment in train_set.enrollment_pool[item.speaker]
 
     val = StandardSetDataset(test_set, train=False, length=999, seed=3, segment_seconds=0.5,
                              ref_seconds=0.5, sample_rate=SR)
-    assert len(val) == len(test_set.items)  # the list, not the epoch length
+    assert len(val) == len(test_set.items)  # at most the list, not the epoch length
+    assert len(StandardSetDataset(test_set, train=False, length=2, seed=3,
+                                  sample_rate=SR)) == 2  # data.n_val_samples
     first = val[0]
     mix, _ = sf.read(test_set.items[0].mix, dtype="float32")
     np.testing.assert_array_equal(first["mix"].numpy(), mix[:4000])  # the start, every time
@@ -154,13 +156,16 @@ def test_config_rules(libri: tuple[Path, str]) -> None:
     root, _ = libri
     base = ["standard.layout=librimix", f"standard.root={root}", "stft.sample_rate=8000",
             "loss.ta_energy=0", "train.noisy_ref_max_prob=0", "data.val_noisy_ref_prob=0"]
+    # Evaluating any checkpoint on a set is allowed; training on one needs the TA and
+    # dynamic-mixing terms off.
+    cfg = load_config(None, base)  # the default data.ta_prob is 0.2
     with pytest.raises(ConfigError, match=r"data\.ta_prob.*no target-absent items"):
-        load_config(None, base)  # the default ta_prob is 0.2
-    load_config(None, [*base, "data.ta_prob=0"])
+        train.check_config(cfg)
+    train.check_config(load_config(None, [*base, "data.ta_prob=0"]))
+    with pytest.raises(ConfigError, match=r"train\.twin_steps"):
+        train.check_config(load_config(None, [*base, "data.ta_prob=0", "train.twin_steps=10"]))
     with pytest.raises(ConfigError, match=r"standard\.layout.*got 'libri'"):
         load_config(None, ["standard.layout=libri"])
-    with pytest.raises(ConfigError, match=r"train\.twin_steps"):
-        load_config(None, [*base, "data.ta_prob=0", "train.twin_steps=10"])
 
 
 def test_a_set_at_another_rate_is_refused(tmp_path: Path, libri: tuple[Path, str]) -> None:
@@ -188,7 +193,9 @@ def test_train_and_evaluate_on_a_copy(
     ckpt = run / "last.pt"
 
     out = tmp_path / "eval"
-    evaluate.main(["--ckpt", str(ckpt), "--standard", test_split, "--out-dir", str(out),
+    # --standard alone scores standard.test_split.
+    split = [test_split] if layout == "librimix" else []
+    evaluate.main(["--ckpt", str(ckpt), "--standard", *split, "--out-dir", str(out),
                    "--metrics", "core"])
     summary = json.loads((out / "summary.json").read_text())
     expected = len(read_configured_set(load_config(config).standard, test_split).items)
