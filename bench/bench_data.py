@@ -24,17 +24,20 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import h5py  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bench.report import machine, print_json, write_section  # noqa: E402
 from config import DataConfig, load_config  # noqa: E402
 from data.dataset import HiFiTSEDataset, dataset_kwargs  # noqa: E402
+from data.hdf5_store import CHUNK_SECONDS  # noqa: E402
 from data.prepare_manifest import prepare  # noqa: E402
 
 TARGET_SAMPLES_PER_S = 20.0  # one worker must feed a ~0.4 s GPU step of batch 2 with margin
 PHASE2_TA_PROB, PHASE2_NOISY_REF_PROB = 0.2, 0.5
 WARMUP = 10
+CHECKSUM_REPEATS = 3  # rewrites of the speech with and without checksums, alternating
 
 
 def bench_pack(d: DataConfig) -> dict[str, dict[str, float]]:
@@ -50,6 +53,35 @@ def bench_pack(d: DataConfig) -> dict[str, dict[str, float]]:
             "mb_per_s": mb / max(row["seconds"], 1e-9),
         }
     return rows
+
+
+def bench_checksum_writes(h5: Path, work: Path) -> dict[str, float]:
+    """Milliseconds per file to write the packed speech again as ``pack`` writes it (1 s chunks,
+    a flush per entry), with and without Fletcher-32 checksums: the writer's cost of the
+    checksums alone, decoding excluded. Best of ``CHECKSUM_REPEATS`` each, in alternating
+    order."""
+    entries: list[tuple[str, object]] = []
+    with h5py.File(h5, "r") as f:
+        f.visititems(lambda name, obj: entries.append((name, obj[:]))
+                     if isinstance(obj, h5py.Dataset) else None)
+        rate = int(f.attrs.get("sample_rate", 48_000))
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for repeat in range(CHECKSUM_REPEATS):
+        for checksums in (False, True) if repeat % 2 == 0 else (True, False):
+            out = work / f"rewrite_{checksums}.h5"
+            out.unlink(missing_ok=True)
+            start = time.perf_counter()
+            with h5py.File(out, "w") as g:
+                for key, wave in entries:
+                    g.create_dataset(key, data=wave,
+                                     chunks=(min(len(wave), round(CHUNK_SECONDS * rate)),),
+                                     fletcher32=checksums)
+                    g.flush()
+            times[checksums].append(time.perf_counter() - start)
+            out.unlink()
+    return {"files": len(entries),
+            "with_ms": 1e3 * min(times[True]) / len(entries),
+            "without_ms": 1e3 * min(times[False]) / len(entries)}
 
 
 def bench_samples(d: DataConfig, n: int, **overrides: object) -> float:
@@ -96,6 +128,7 @@ def main() -> None:
             pack_workers=args.pack_workers,
         )
         pack = bench_pack(d)
+        writes = bench_checksum_writes(Path(d.hdf5_dir) / "speech.h5", work)
         cached = bench_samples(d, args.samples)
         # A 60 k RIR corpus makes the worker's RIR cache miss: every RIR is read and FFT'd.
         uncached = bench_samples(d, args.samples, rir_cache_size=0)
@@ -119,7 +152,11 @@ def main() -> None:
             f"| pack {kind} ({row['files']} files, {args.pack_workers} decoders + 1 writer) | "
             f"{row['files_per_s']:.1f} files/s, {row['mb_per_s']:.1f} MB/s of float32 audio |"
         )
+    extra = writes["with_ms"] / writes["without_ms"] - 1
     lines += [
+        f"| speech writes per file, without / with Fletcher-32 checksums ({writes['files']} "
+        f"files, decoding excluded, best of {CHECKSUM_REPEATS}) | {writes['without_ms']:.2f} / "
+        f"{writes['with_ms']:.2f} ms ({100 * extra:+.0f} %) |",
         f"| samples/s, one worker, recipe (4 s, 1-3 interferers, RIRs, noise, speed, "
         f"TA {PHASE2_TA_PROB}, noisy ref {PHASE2_NOISY_REF_PROB}) | {cached:.1f} |",
         f"| samples/s, one worker, RIR cache off (60 k-RIR corpus) | {uncached:.1f} |",
@@ -143,6 +180,8 @@ def main() -> None:
                 k: {"files_per_s": round(v["files_per_s"], 2), "mb_per_s": round(v["mb_per_s"], 2)}
                 for k, v in pack.items()
             },
+            "speech_write_ms_per_file": {"without_checksums": round(writes["without_ms"], 3),
+                                         "with_checksums": round(writes["with_ms"], 3)},
             "target_samples_per_s": TARGET_SAMPLES_PER_S,
         }
     )
