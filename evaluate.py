@@ -231,10 +231,10 @@ def _standard_set(cfg: Config, split: str) -> StandardSet:
         raise EvalInputError(str(err)) from None
 
 
-def _sources(args: argparse.Namespace, cfg: Config,
-             sample_rate: int) -> tuple[list[SampleSource], list[Skipped], str, str]:
-    """The samples (loaded at ``sample_rate``), those skipped while listing them, a
-    description, and a digest of the list:
+def _sources(args: argparse.Namespace, cfg: Config, sample_rate: int,
+             standard: StandardSet | None) -> tuple[list[SampleSource], list[Skipped], str, str]:
+    """The samples (loaded at ``sample_rate``; ``standard``: the set of ``--standard``), those
+    skipped while listing them, a description, and a digest of the list:
     every candidate ID and the folder (resolved), the CSV's content or, for the validation set,
     the data config that makes the items."""
     skipped: list[Skipped] = []
@@ -249,8 +249,7 @@ def _sources(args: argparse.Namespace, cfg: Config,
                                        strict=args.strict, sample_rate=sample_rate)
         desc = f"CSV `{args.csv}`"
         listed = _sha256(args.csv)
-    elif args.standard is not None:
-        standard = _standard_set(cfg, args.standard)
+    elif standard is not None:
         sources, skipped = standard_samples(standard, strict=args.strict,
                                             sample_rate=sample_rate)
         desc = f"{standard.name} (`{cfg.standard.root or cfg.standard.lists}`)"
@@ -358,7 +357,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         log.info("the checkpoint was trained on a standard set: evaluating its split %s",
                  args.standard)
     rate = loaded.model.sample_rate  # the checkpoint's: every file is resampled to it
-    sources, skipped, source_desc, digest = _sources(args, cfg, rate)
+    standard = None if args.standard is None else _standard_set(cfg, args.standard)
+    sources, skipped, source_desc, digest = _sources(args, cfg, rate, standard)
     for item in skipped:
         _report_skip(item)
     groups = tuple(g for g in EVAL_METRIC_GROUPS if g in (args.metrics or cfg.eval.metrics))
@@ -420,9 +420,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     examples = report.write_examples(out_dir, report.pick_examples(rows), rows, estimate_of)
     convention = None
-    if args.standard is not None:
+    if standard is not None:
         means = {m: s["mean"] for m, s in summary["metrics"].items()}
-        standard = _standard_set(cfg, args.standard)
         n_pairs = sum(r["condition"] == TP for r in rows)
         convention = convention_lines(cfg.standard.layout, cfg.standard.n_src, standard.name,
                                       standard.target_kind, n_pairs, metrics.zero_mean, means)

@@ -36,7 +36,6 @@ from tqdm import tqdm
 from config import Config, ConfigError, dump_config, load_config, model_kwargs, to_dict
 from data.dataset import HiFiTSEDataset, dataset_kwargs, seed_worker
 from data.standard_dataset import StandardSetDataset, standard_dataset
-from data.standard_sets import SetLayoutError
 from dsp.files import write_text_atomic
 from losses.adversarial import (
     discriminator_loss,
@@ -122,7 +121,7 @@ def _dataset(cfg: Config, split: str, rank: int) -> HiFiTSEDataset | StandardSet
                                 seed=d.seed, rank=rank,
                                 segment_seconds=d.segment_seconds, ref_seconds=d.ref_seconds,
                                 sample_rate=rate)
-    except (SetLayoutError, ValueError) as err:
+    except ValueError as err:  # SetLayoutError, a choice the layout lacks, another rate
         raise ConfigError(f"standard: {err}") from None
 
 

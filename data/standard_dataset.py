@@ -156,6 +156,9 @@ class StandardSetDataset(Dataset):
         for i, item in enumerate(self.items):
             by_mix.setdefault(item.mix, []).append(i)
         self._pairs = [ids[:2] for ids in by_mix.values() if len(ids) >= 2]
+        # speaker -> (file, its LibriMix utterance id or None): parsed once, not per item.
+        self._pool = {speaker: [(p, librimix_utterance(p)) for p in files]
+                      for speaker, files in standard.enrollment_pool.items()}
 
     def __len__(self) -> int:
         return self.length
@@ -167,9 +170,8 @@ class StandardSetDataset(Dataset):
         if item.enrollment is not None:
             return item.enrollment
         utterance = librimix_utterance(item.target)
-        pool = [p for p in self.standard.enrollment_pool.get(item.speaker, [])
-                if p != item.target and (utterance is None
-                                         or librimix_utterance(p) != utterance)]
+        pool = [p for p, u in self._pool.get(item.speaker, [])
+                if p != item.target and (utterance is None or u != utterance)]
         if not pool:
             raise AudioError(f"{item.id}: no other utterance of speaker {item.speaker} to "
                              "enrol with")

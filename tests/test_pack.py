@@ -20,7 +20,6 @@ import soundfile as sf
 import soxr
 
 from config import DataConfig, load_config
-from data.dataset import HiFiTSEDataset, dataset_kwargs
 from data.hdf5_store import (
     CHUNK_SECONDS,
     COMPLETE_ATTR,
@@ -33,7 +32,13 @@ from data.hdf5_store import (
 from data.manifest import MANIFEST_NAMES, read_manifest
 from data.prepare_manifest import prepare
 from data.scan import scan_speech
-from tests.packed_data import FILES_PER_ACTOR, link_subset, packed_subset, write_config
+from tests.packed_data import (
+    FILES_PER_ACTOR,
+    items_around_corrupt,
+    link_subset,
+    packed_subset,
+    write_config,
+)
 
 SR = 48_000
 CHUNK_SAMPLES = CHUNK_SECONDS * SR
@@ -342,12 +347,5 @@ def test_dataset_skips_and_counts_entries_that_fail_their_checksum(
         damage(manifests / e["hdf5"], e["key"], all_chunks=True)
     bad_keys = {e["key"] for e in bad}
 
-    ds = HiFiTSEDataset(**{**dataset_kwargs(packed, "train"), "manifest_dir": manifests})
-    with caplog.at_level(logging.WARNING, logger="data.dataset"):
-        items = [ds[i] for i in range(8)]
-    assert ds.n_corrupt > 0
-    assert sum(s["n_corrupt"] for s in items) == ds.n_corrupt
+    items_around_corrupt(packed, manifests, bad_keys, 8, caplog)
     assert "checksum mismatch" in caplog.text
-    for s in items:
-        used = {s["target_utt"], s["ref_utt"], *s["interferer_utts"].split("|")}
-        assert not used & bad_keys
